@@ -146,12 +146,12 @@ def _read_param(reader, path, spec, scanned: bool) -> np.ndarray:
 
 def _read_one(reader, name, path, shape, dtype) -> np.ndarray:
   tensor = reader.get(name)
-  if path[-1] == "kernel":
-    tensor = tensor.T
-  if tuple(tensor.shape) != tuple(shape):
-    raise ValueError(f"{reader.model_dir}: tensor {name} has shape {tuple(tensor.shape)} "
-                     f"(as {'/'.join(path)}), expected {tuple(shape)}")
-  return np.asarray(tensor, dtype=dtype)
+  transpose = path[-1] == "kernel"
+  expected = tuple(shape)[::-1] if transpose else tuple(shape)
+  if tuple(tensor.shape) != expected:
+    raise ValueError(f"{reader.model_dir}: tensor {name} has shape {tuple(tensor.shape)}, "
+                     f"the config implies {expected}")
+  return np.asarray(tensor.T if transpose else tensor, dtype=dtype)
 
 
 def hf_name(path, layer: Optional[int] = None) -> str:

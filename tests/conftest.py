@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny HF checkpoints of each supported family, written by transformers."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+FAMILIES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_theta=500000.0, tie_word_embeddings=False)),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=True)),
+    "llama_linear_bias": ("LlamaConfig", "LlamaForCausalLM", dict(
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=4, head_dim=16)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=False)),
+}
+
+
+def make_hf_model(family: str, path, seed: int = 0, head: str = "lm"):
+  """Saves a random tiny transformers model of `family` to `path`; returns the torch model."""
+  import torch
+  import transformers
+  config_cls, model_cls, extra = FAMILIES[family]
+  config = getattr(transformers, config_cls)(**TINY, **extra, pad_token_id=0, eos_token_id=1,
+                                             bos_token_id=2)
+  if head == "score":
+    model_cls = model_cls.replace("ForCausalLM", "ForSequenceClassification")
+    config.num_labels = 1
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_cls)(config).eval()
+  with torch.no_grad():  # make norms and biases non-trivial so a wrong mapping shows
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight") or name.endswith(".bias"):
+        p.add_(0.1 * torch.randn_like(p))
+  model.save_pretrained(path)
+  return model
+
+
+@pytest.fixture(scope="session")
+def bundled_dir():
+  from jaxpost.hf import resolve_model_dir
+  return resolve_model_dir("bundled:smollm2-135m-instruct")
