@@ -160,6 +160,18 @@ class LlamaConfig:
     return self.num_hidden_layers * layer + embed + d
 
 
+def forward_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:
+  """Forward FLOPs per token: 2 x (matmul weights incl. the LM head) + attention scores and
+  values, 4 * layers * seq_len * heads * head_dim (the full T x T product, as executed).
+  A training step costs 3x this (forward + backward)."""
+  d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                     cfg.num_key_value_heads, cfg.head_dim)
+  matmul_weights = cfg.num_hidden_layers * (d * hd * (2 * h + 2 * kv) + 3 * d * f)
+  matmul_weights += cfg.vocab_size * d
+  attention = 4 * cfg.num_hidden_layers * seq_len * h * hd
+  return 2 * matmul_weights + attention
+
+
 def _rope_fields(hf: Mapping[str, Any]) -> dict:
   """Reads RoPE settings from either `rope_scaling` (transformers 4.x) or `rope_parameters`."""
   params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
