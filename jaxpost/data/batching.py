@@ -1,0 +1,130 @@
+"""Static-shape batches from tokenised records: length buckets, padding and packing.
+
+Every batch is a dict of numpy arrays [B, T] with T the smallest configured bucket that fits the
+longest sequence, so a jitted step compiles once per bucket:
+
+    input_ids       token ids (pad_id after the sequence)
+    attention_mask  1 real token, 0 padding
+    positions       0, 1, ... within each example (per segment when packed), 0 on padding
+    segment_ids     1..k for the k examples of a row, 0 on padding
+    loss_mask       1 where token t is a trained target (predicted from t-1; never at a
+                    segment's first token)
+
+Preference batches carry the five fields prefixed `chosen_`/`rejected_` (one T for both) and a
+float32 `margin` [B] (NaN = none); unpaired batches add `label` [B]; prompt batches are LEFT-padded
+`prompt_input_ids`/`prompt_attention_mask` plus `row` [B], the example index.
+
+Packing (SFT) puts several examples in one row of length T by first-fit-decreasing: items are
+placed longest first into the first row with room (carried-over items first, so none waits
+forever); attention never crosses segment ids and positions restart per segment.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss_mask")
+
+
+def resolve_buckets(buckets: Optional[Sequence[int]], max_length: int) -> tuple[int, ...]:
+  """Sorted buckets up to the first one >= max_length (max_length added if none is)."""
+  if not buckets:
+    buckets = [max(max_length // 4, 1), max(max_length // 2, 1), max_length]
+  out = sorted({int(b) for b in buckets if int(b) > 0})
+  if not out or out[-1] < max_length:
+    out.append(max_length)
+  return tuple(b for b in out if b < max_length) + (next(b for b in out if b >= max_length),)
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= length:
+      return b
+  raise ValueError(f"sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def _empty(rows: int, T: int, pad_id: int) -> dict:
+  out = {k: np.zeros((rows, T), np.int32) for k in FIELDS}
+  out["input_ids"][:] = pad_id
+  return out
+
+
+def pad_rows(seqs: Sequence[tuple[np.ndarray, np.ndarray]], T: int, pad_id: int) -> dict:
+  """One example per row, right-padded to T."""
+  return pack_rows([[s] for s in seqs], T, pad_id)
+
+
+def pack_rows(bins: Sequence[Sequence[tuple[np.ndarray, np.ndarray]]], T: int,
+              pad_id: int) -> dict:
+  """Rows holding the (ids, mask) segments of each bin one after another."""
+  out = _empty(len(bins), T, pad_id)
+  for r, segments in enumerate(bins):
+    start = 0
+    for k, (ids, mask) in enumerate(segments, start=1):
+      n = len(ids)
+      if start + n > T:
+        raise ValueError(f"row {r}: segments of {start + n} tokens exceed T={T}")
+      sl = (r, slice(start, start + n))
+      out["input_ids"][sl] = ids
+      out["attention_mask"][sl] = 1
+      out["positions"][sl] = np.arange(n)
+      out["segment_ids"][sl] = k
+      out["loss_mask"][sl] = mask
+      out["loss_mask"][r, start] = 0
+      start += n
+  return out
+
+
+def ffd_pack(lengths: Sequence[int], capacity: int, n_bins: int, n_first: int = 0):
+  """First-fit-decreasing: (bins of item indices, unplaced indices in input order).
+
+  Items [0, n_first) are placed first in their order, the rest by decreasing length (stable)."""
+  order = list(range(n_first)) + sorted(range(n_first, len(lengths)), key=lambda i: -lengths[i])
+  bins, room, placed = [[] for _ in range(n_bins)], [capacity] * n_bins, set()
+  for i in order:
+    for b in range(n_bins):
+      if lengths[i] <= room[b]:
+        bins[b].append(i)
+        room[b] -= lengths[i]
+        placed.add(i)
+        break
+  return bins, [i for i in range(len(lengths)) if i not in placed]
+
+
+def sft_batch(records: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:
+  T = bucket_for(max(len(r["ids"]) for r in records), buckets)
+  return pad_rows([(r["ids"], r["mask"]) for r in records], T, pad_id)
+
+
+def unpaired_batch(records: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:
+  out = sft_batch(records, buckets, pad_id)
+  out["label"] = np.asarray([r["label"] for r in records], np.int32)
+  return out
+
+
+def preference_batch(records: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:
+  longest = max(max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in records)
+  T = bucket_for(longest, buckets)
+  out = {}
+  for side in ("chosen", "rejected"):
+    rows = pad_rows([(r[f"{side}_ids"], r[f"{side}_mask"]) for r in records], T, pad_id)
+    out.update({f"{side}_{k}": v for k, v in rows.items()})
+  out["margin"] = np.asarray([r["margin"] for r in records], np.float32)
+  return out
+
+
+def prompt_batch(records: Sequence[dict], rows: Sequence[int], buckets: Sequence[int],
+                 pad_id: int) -> dict:
+  T = bucket_for(max(len(r["prompt_ids"]) for r in records), buckets)
+  ids = np.full((len(records), T), pad_id, np.int32)
+  mask = np.zeros((len(records), T), np.int32)
+  for i, r in enumerate(records):
+    n = len(r["prompt_ids"])
+    ids[i, T - n:], mask[i, T - n:] = r["prompt_ids"], 1
+  return {"prompt_input_ids": ids, "prompt_attention_mask": mask,
+          "row": np.asarray(rows, np.int32)}
+
+
+BATCHERS = {"sft": sft_batch, "unpaired": unpaired_batch, "preference": preference_batch}

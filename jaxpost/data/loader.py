@@ -1,0 +1,409 @@
+"""The data loader: sources -> tokenised examples -> an endless, resumable stream of batches.
+
+    loader = build_loader(config.data, tokenizer, "sft", batch_size=32, seed=0)
+    batch = next(loader)             # this process's rows of the next global batch
+    state = loader.state()           # JSON-able; loader.restore(state) resumes at the next batch
+
+At build time every source is read (through HF `datasets` for files and hub names), normalised
+(`formats`), tokenised once (`chat`) and kept in memory; `loader.summary` counts rows read, kept,
+dropped by reason, tokens and the truncation rate.
+
+Order. Epoch e draws n_s = round(E * w_s / sum(w)) examples from source s (E = total example
+count): source s cycles through its own seeded permutations, so an over-weighted source repeats
+and an under-weighted one is subsampled without repeats until exhausted. The epoch's draws are
+then shuffled with seed (seed, e). Stream position k is therefore a pure function of
+(seed, weights, data), and the loader state is only the position (plus the examples packing
+carried over), the same on every process.
+
+Sharding. Every process builds the same global batch (so all agree on its bucket T) and keeps
+rows [p * B/P, (p + 1) * B/P); shards of one global batch are disjoint and cover it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+from jaxpost.data import batching
+from jaxpost.data.chat import ChatTokenizer, Limits, tokenize_example
+from jaxpost.data.config import data_defaults
+from jaxpost.data.formats import KINDS, DataError, normalize_row
+
+log = logging.getLogger(__name__)
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+                  ".arrow": "arrow"}
+ALWAYS_DROPPED = ("no_trainable_tokens",)  # a consequence of the limits, not bad input
+
+
+@dataclasses.dataclass
+class SourceSpec:
+  source: Any
+  weight: float = 1.0
+  max_rows: Optional[int] = None
+  split: Optional[str] = None
+  subset: Optional[str] = None
+  columns: Optional[dict] = None
+  task_kind: Optional[str] = None
+  name: Optional[str] = None
+
+  def __post_init__(self):
+    if self.name is None:
+      self.name = self.source if isinstance(self.source, str) else type(self.source).__name__
+    if self.weight < 0:
+      raise ValueError(f"data source {self.name}: weight {self.weight} < 0")
+
+
+def _plain(value):
+  return value.to_dict() if hasattr(value, "to_dict") else value
+
+
+def parse_sources(value) -> list[SourceSpec]:
+  """Source specs from config.data.train/eval (see jaxpost/data/config.py)."""
+  value = _plain(value)
+  if value is None or value == "":
+    raise ValueError("No data source: set config.data.train (or eval), e.g. 'builtin:<task>', a "
+                     "file, a hub dataset name or a list of rows")
+  is_spec = lambda v: isinstance(v, str) or (isinstance(v, Mapping) and
+                                             ("source" in v or "rows" in v))
+  if isinstance(value, (list, tuple)) and value and not all(is_spec(_plain(v)) for v in value):
+    return [SourceSpec(list(value), name="rows")]
+  specs = []
+  for v in (value if isinstance(value, (list, tuple)) else [value]):
+    v = _plain(v)
+    if isinstance(v, Mapping):
+      v = dict(v)
+      rows = v.pop("rows", None)
+      unknown = set(v) - {f.name for f in dataclasses.fields(SourceSpec)}
+      if unknown:
+        raise ValueError(f"data source spec has unknown keys {sorted(unknown)}; allowed: source|"
+                         f"rows, {', '.join(f.name for f in dataclasses.fields(SourceSpec)[1:])}")
+      specs.append(SourceSpec(v.pop("source", rows), **v))
+    else:
+      specs.append(SourceSpec(v))
+  return specs
+
+
+def read_rows(spec: SourceSpec, split: str, kind: str, cfg: dict) -> Iterable[Mapping]:
+  """Rows of one source: Python rows, a datasets.Dataset, builtin task, local files or hub."""
+  src = spec.source
+  if isinstance(src, str) and src.startswith("builtin:"):
+    from jaxpost.data.tasks import task_rows  # pylint: disable=import-outside-toplevel
+    rows = task_rows(src[len("builtin:"):], split, spec.task_kind or kind)
+  elif isinstance(src, str):
+    rows = _load_dataset(src, spec, spec.split or cfg.get(f"{split}_split", split))
+  elif isinstance(src, (list, tuple)) or hasattr(src, "select"):
+    rows = src
+  else:
+    raise ValueError(f"data source {spec.name}: unsupported type {type(src).__name__}")
+  if spec.max_rows is not None:
+    n = min(spec.max_rows, len(rows))
+    rows = rows.select(range(n)) if hasattr(rows, "select") else rows[:n]
+  return rows
+
+
+def _load_dataset(src: str, spec: SourceSpec, split: str):
+  import datasets  # pylint: disable=import-outside-toplevel
+  path = Path(src).expanduser()
+  try:
+    if path.is_file():
+      if path.suffix not in LOCAL_BUILDERS:
+        raise ValueError(f"data source {src}: unknown file type {path.suffix!r}; expected one of "
+                         f"{sorted(LOCAL_BUILDERS)}")
+      return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path),
+                                   split=spec.split or "train")
+    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json",
+                                                           "dataset_dict.json")):
+      ds = datasets.load_from_disk(str(path))
+      return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    if path.is_dir():
+      return datasets.load_dataset(str(path), split=split)
+    return datasets.load_dataset(src, spec.subset, split=split)
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    raise ValueError(f"data source {src!r} (split {split!r}) could not be loaded: {e}") from e
+
+
+# ---------------------------------------------------------------- tokenised table + summary
+
+
+@dataclasses.dataclass
+class Table:
+  """Tokenised examples of every source, plus the summary counts."""
+  records: list = dataclasses.field(default_factory=list)
+  source_ids: list = dataclasses.field(default_factory=list)  # per source: example ids
+  examples: list = dataclasses.field(default_factory=list)  # normalised (prompt kind only)
+  summary: dict = dataclasses.field(default_factory=dict)
+
+
+def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict) -> Table:
+  lim = Limits(cfg["max_length"], cfg["max_prompt_length"], cfg["max_completion_length"],
+               cfg["truncation_mode"])
+  table, dropped = Table(), collections.Counter()
+  counts = collections.Counter()
+  per_source = {}
+  for spec in specs:
+    start, read = len(table.records), 0
+    columns = {**(cfg["columns"] or {}), **(spec.columns or {})}
+    for i, row in enumerate(read_rows(spec, split, kind, cfg)):
+      read += 1
+      try:
+        examples = normalize_row(row, kind, columns, spec.name, i)
+      except DataError as e:
+        _drop_or_raise(e, cfg, dropped)
+        continue
+      for ex in examples:
+        try:
+          rec = tokenize_example(ct, ex, kind, lim, cfg["train_on"])
+        except DataError as e:
+          _drop_or_raise(e.at(spec.name, i), cfg, dropped)
+          continue
+        _count(rec, counts)
+        table.records.append(rec)
+        if kind == "prompt":
+          table.examples.append(ex)
+    table.source_ids.append(np.arange(start, len(table.records)))
+    per_source[spec.name] = {"rows_read": read, "examples": len(table.records) - start}
+  kept = len(table.records)
+  table.summary = {
+      "kind": kind, "split": split, "rows_read": sum(s["rows_read"] for s in per_source.values()),
+      "examples": kept, "dropped": dict(dropped), "tokens": counts["tokens"],
+      "trainable_tokens": counts["trainable"], "truncated": counts["truncated"],
+      "truncation_rate": counts["truncated"] / max(kept, 1), "sources": per_source}
+  return table
+
+
+def _drop_or_raise(e: DataError, cfg: dict, dropped: collections.Counter):
+  if e.reason in ALWAYS_DROPPED or cfg["drop_bad_rows"]:
+    dropped[e.reason] += 1
+  else:
+    raise e
+
+
+def _count(rec: dict, counts: collections.Counter):
+  for key, value in rec.items():
+    if key.endswith("ids"):
+      counts["tokens"] += len(value)
+    elif key.endswith("mask"):
+      counts["trainable"] += int(value.sum())
+  counts["truncated"] += int(rec["truncated"])
+
+
+def format_summary(s: dict) -> str:
+  dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "none"
+  return (f"data[{s['split']}/{s['kind']}]: {s['rows_read']} rows read, {s['examples']} examples "
+          f"kept, dropped: {dropped}; {s['tokens']} tokens ({s['trainable_tokens']} trained), "
+          f"truncated {s['truncation_rate']:.1%}")
+
+
+# ---------------------------------------------------------------- order
+
+
+class Stream:
+  """Stream position k -> example id (module docstring: epochs, weights, seeded shuffles)."""
+
+  def __init__(self, source_ids: list[np.ndarray], weights: list[float], seed: int,
+               shuffle: bool):
+    sizes = [len(ids) for ids in source_ids]
+    total, wsum = sum(sizes), sum(weights)
+    if not total or not wsum:
+      raise ValueError("No usable examples (every row was dropped, or all weights are 0)")
+    for ids, w, n in zip(source_ids, weights, range(len(sizes))):
+      if w > 0 and not len(ids):
+        raise ValueError(f"data source #{n} has weight {w} but no usable examples")
+    self.draws = [int(round(total * w / wsum)) for w in weights]
+    self.epoch_size = sum(self.draws)
+    if not self.epoch_size:
+      raise ValueError(f"data source weights {weights} give an empty epoch")
+    self.source_ids, self.seed, self.shuffle = source_ids, seed, shuffle
+    self._cache = (None, None)
+
+  def _perm(self, n: int, *key) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(n)
+    return np.random.default_rng((self.seed,) + key).permutation(n)
+
+  def epoch(self, e: int) -> np.ndarray:
+    if self._cache[0] != e:
+      parts = []
+      for s, (ids, n) in enumerate(zip(self.source_ids, self.draws)):
+        k = np.arange(e * n, (e + 1) * n)  # this source's draw numbers
+        q, r = np.divmod(k, max(len(ids), 1))
+        part = np.empty(n, np.int64)
+        for x in np.unique(q):  # source epoch x: its own permutation
+          sel = q == x
+          part[sel] = ids[self._perm(len(ids), 1, s, int(x))[r[sel]]]
+        parts.append(part)
+      order = np.concatenate(parts)
+      self._cache = (e, order[self._perm(len(order), 0, e)])
+    return self._cache[1]
+
+  def take(self, k: int, n: int) -> list[int]:
+    out = []
+    while len(out) < n:
+      e, r = divmod(k + len(out), self.epoch_size)
+      out += self.epoch(e)[r:r + n - len(out)].tolist()
+    return out
+
+
+# ---------------------------------------------------------------- loader
+
+
+class Loader:
+  """Iterates this process's share of each global batch forever; see the module docstring."""
+
+  def __init__(self, table: Table, stream: Stream, kind: str, batch_size: int, buckets,
+               pad_id: int, packing: bool, process_index: int, process_count: int,
+               prefetch: int = 2):
+    if batch_size % process_count:
+      raise ValueError(f"batch_size={batch_size} is not divisible by process_count="
+                       f"{process_count}")
+    if packing and kind != "sft":
+      raise ValueError(f"data.packing is for SFT batches only (kind={kind!r})")
+    self.table, self.stream, self.kind = table, stream, kind
+    self.batch_size, self.buckets, self.pad_id, self.packing = batch_size, buckets, pad_id, packing
+    self.local_rows = slice(process_index * batch_size // process_count,
+                            (process_index + 1) * batch_size // process_count)
+    self.prefetch = prefetch
+    self._state = {"cursor": 0, "deferred": [], "batches": 0}
+    self._thread = None
+
+  @property
+  def summary(self) -> dict:
+    return self.table.summary
+
+  @property
+  def batches_per_epoch(self) -> int:
+    return self.stream.epoch_size // self.batch_size
+
+  def example(self, i: int) -> dict:
+    """The normalised example behind `row` i of a prompt batch (prompt kind)."""
+    return self.table.examples[i]
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """What a saved position is only valid for: data, order and batch shape."""
+    lengths = [sum(len(v) for k, v in r.items() if k.endswith("ids")) for r in self.table.records]
+    key = json.dumps([self.kind, self.batch_size, self.packing, self.stream.seed,
+                      self.stream.draws, self.stream.shuffle, list(self.buckets),
+                      hashlib.sha1(np.asarray(lengths, np.int64).tobytes()).hexdigest()])
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+  def state(self) -> dict:
+    return {**self._state, "deferred": list(self._state["deferred"]),
+            "fingerprint": self.fingerprint}
+
+  def restore(self, state: Mapping) -> None:
+    if state.get("fingerprint") != self.fingerprint:
+      raise ValueError("loader state was saved for different data, seed, batch size or buckets "
+                       f"(fingerprint {state.get('fingerprint')} != {self.fingerprint})")
+    self.close()
+    self._state = {"cursor": int(state["cursor"]), "deferred": [int(i) for i in state["deferred"]],
+                   "batches": int(state["batches"])}
+
+  # ------------------------------------------------------------ batches
+
+  def global_batch(self, state: Mapping) -> tuple[dict, dict]:
+    """(global batch, next state): a pure function of the state."""
+    cursor, deferred = state["cursor"], list(state["deferred"])
+    recs = self.table.records
+    if self.packing:
+      T = self.buckets[-1]
+      ids, total = deferred, sum(len(recs[i]["ids"]) for i in deferred)
+      while total < self.batch_size * T:
+        (i,) = self.stream.take(cursor, 1)
+        ids, total, cursor = ids + [i], total + len(recs[i]["ids"]), cursor + 1
+      bins, unplaced = batching.ffd_pack([len(recs[i]["ids"]) for i in ids], T,
+                                         self.batch_size, n_first=len(deferred))
+      batch = batching.pack_rows([[(recs[ids[j]]["ids"], recs[ids[j]]["mask"]) for j in b]
+                                  for b in bins], T, self.pad_id)
+      deferred = [ids[j] for j in unplaced]
+    else:
+      ids = self.stream.take(cursor, self.batch_size)
+      cursor += self.batch_size
+      chosen = [recs[i] for i in ids]
+      if self.kind == "prompt":
+        batch = batching.prompt_batch(chosen, ids, self.buckets, self.pad_id)
+      else:
+        batch = batching.BATCHERS[self.kind](chosen, self.buckets, self.pad_id)
+    return batch, {"cursor": cursor, "deferred": deferred, "batches": state["batches"] + 1}
+
+  def _next_local(self, state):
+    batch, state = self.global_batch(state)
+    return {k: v[self.local_rows] for k, v in batch.items()}, state
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    if self.prefetch <= 0:
+      batch, self._state = self._next_local(self._state)
+      return batch
+    if self._thread is None:
+      self._start()
+    item = self._queue.get()
+    if isinstance(item, BaseException):
+      self.close()
+      raise item
+    batch, self._state = item
+    return batch
+
+  def _start(self):
+    self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
+    self._thread = threading.Thread(target=self._produce, daemon=True,
+                                    args=(dict(self._state), self._queue, self._stop))
+    self._thread.start()
+
+  def _produce(self, state, q: queue.Queue, stop: threading.Event):
+    try:
+      while not stop.is_set():
+        item = self._next_local(state)
+        state = item[1]
+        while not stop.is_set():
+          try:
+            q.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+    except BaseException as e:  # pylint: disable=broad-except
+      q.put(e)
+
+  def close(self):
+    """Stops the prefetch thread (batches it prepared are discarded; the state is kept)."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+
+
+def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
+                 split: str = "train", process_index: Optional[int] = None,
+                 process_count: Optional[int] = None) -> Loader:
+  """A Loader over config.data.train (split="train") or config.data.eval (split="eval")."""
+  if kind not in KINDS:
+    raise ValueError(f"Unknown data kind {kind!r}; choose one of {KINDS}")
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=import-outside-toplevel
+    process_index, process_count = jax.process_index(), jax.process_count()
+  cfg = {**data_defaults().to_dict(), **_plain(data_cfg)}
+  if not cfg["max_length"]:
+    raise ValueError("config.data.max_length must be set (batches have static shapes)")
+  specs = parse_sources(cfg[split])
+  ct = ChatTokenizer(tokenizer, cfg["chat_template"], cfg["system_prompt"])
+  table = build_table(specs, ct, kind, split, cfg)
+  log.info(format_summary(table.summary))
+  stream = Stream(table.source_ids, [s.weight for s in specs], seed,
+                  bool(cfg["shuffle"]) and split == "train")
+  buckets = batching.resolve_buckets(cfg["buckets"], cfg["max_length"])
+  return Loader(table, stream, kind, batch_size, buckets, ct.pad_id, bool(cfg["packing"]),
+                process_index, process_count, int(cfg["prefetch"]))

@@ -1,0 +1,111 @@
+"""Built-in generated tasks, so every default config runs offline: `builtin:<name>` data sources.
+
+    rows = task_rows("arithmetic", "train", "preference")  # [{"prompt", "chosen", "rejected"}]
+    score = reward_fn("arithmetic")(prompts, completions, rows)  # np.float32 [N], 1 = correct
+
+Row kinds (TRL column conventions; prompts are plain strings, the chat template is applied by the
+data pipeline):
+  "sft"        prompt, completion                 the concise correct answer
+  "preference" prompt, chosen, rejected           chosen concise+correct; rejected a mix of wrong,
+                                                  rambling, and wrong+rambling
+  "ranked"     prompt, responses, scores          k (2-4) responses best first, strictly
+                                                  decreasing scores
+  "unpaired"   prompt, completion, label          KTO: each question's chosen (True) and rejected
+                                                  (False), in a fixed shuffled order
+  "prompt"     prompt, answer                     for generation / RL with `reward_fn`
+The "train" and "eval" splits never share a question; rows are identical on every call and machine.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jaxpost.data.tasks import arithmetic
+
+TASKS = ("arithmetic",)
+KINDS = ("sft", "preference", "ranked", "unpaired", "prompt")
+
+
+def _check_name(name: str):
+  if name not in TASKS:
+    raise ValueError(f"unknown built-in task {name!r} (builtin:<name> with name in {TASKS})")
+
+
+def _question_rng(split: str, index: int) -> np.random.Generator:
+  # One generator per question: a question's responses are the same in every kind of row.
+  return np.random.default_rng([arithmetic.SEEDS[split], index])
+
+
+def _row(question: str, rng: np.random.Generator, kind: str, k: int) -> list[dict]:
+  prompt = arithmetic.prompt_of(question)
+  graded = arithmetic.graded_responses(question, rng)
+  best = graded[0][0]
+  rejected = graded[1 + rng.integers(3)][0]
+  if kind == "sft":
+    return [{"prompt": prompt, "completion": best}]
+  if kind == "preference":
+    return [{"prompt": prompt, "chosen": best, "rejected": rejected}]
+  if kind == "ranked":
+    return [{"prompt": prompt, "responses": [t for t, _ in graded[:k]],
+             "scores": [s for _, s in graded[:k]]}]
+  if kind == "unpaired":
+    return [{"prompt": prompt, "completion": best, "label": True},
+            {"prompt": prompt, "completion": rejected, "label": False}]
+  return [{"prompt": prompt, "answer": arithmetic.evaluate(question)}]
+
+
+def task_rows(name: str, split: str, kind: str, k: int = 3) -> list[dict]:
+  """Rows of built-in task `name` for `split` ("train"/"eval") in format `kind` (see module doc).
+
+  `k` is the number of ranked responses per prompt (kind "ranked" only; 2 <= k <= 4).
+  """
+  _check_name(name)
+  if kind not in KINDS:
+    raise ValueError(f"task_rows({name!r}): kind must be one of {KINDS}, got {kind!r}")
+  if not 2 <= k <= 4:
+    raise ValueError(f"task_rows({name!r}): ranked k must be in [2, 4], got {k}")
+  rows = []
+  for i, q in enumerate(arithmetic.questions(split)):
+    rows.extend(_row(q, _question_rng(split, i), kind, k))
+  if kind == "unpaired":
+    order = np.random.default_rng(arithmetic.SEEDS[split]).permutation(len(rows))
+    rows = [rows[i] for i in order]
+  return rows
+
+
+def _prompt_text(prompt) -> str:
+  """The question text of a plain prompt or of a conversational one (its last user message)."""
+  if isinstance(prompt, str):
+    return prompt
+  users = [m["content"] for m in prompt if m.get("role") == "user"]
+  if not users:
+    raise ValueError(f"reward: conversational prompt has no user message: {prompt!r}")
+  return users[-1]
+
+
+def reward_fn(name: str, format_weight: float = 0.0) -> Callable[..., np.ndarray]:
+  """A verifier for task `name`: `fn(prompts, completions, rows=None) -> np.float32 [N]`.
+
+  Score = 1 if the completion's final number is the exact answer else 0, plus `format_weight`
+  if the completion is just the number. The answer comes from `rows[i]["answer"]` when given,
+  otherwise it is recomputed from the prompt text (plain or conversational prompts).
+  """
+  _check_name(name)
+
+  def score(prompts: Sequence, completions: Sequence[str], rows: Sequence[dict] | None = None):
+    if len(prompts) != len(completions):
+      raise ValueError(f"reward {name}: {len(prompts)} prompts vs {len(completions)} completions")
+    out = np.zeros(len(completions), np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+      answer = rows[i]["answer"] if rows and "answer" in rows[i] else arithmetic.evaluate(
+          _prompt_text(p))
+      out[i] = float(arithmetic.extract_answer(c) == int(answer))
+      out[i] += format_weight * arithmetic.is_concise(c)
+    return out
+
+  return score
+
+
+__all__ = ["TASKS", "KINDS", "task_rows", "reward_fn"]
