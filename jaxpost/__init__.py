@@ -6,6 +6,7 @@ Public API:
 """
 
 from jaxpost.hf import LoadedModel, load_model, save_model
+from jaxpost.train.loop import train
 
-__all__ = ["LoadedModel", "load_model", "save_model"]
+__all__ = ["LoadedModel", "load_model", "save_model", "train"]
 __version__ = "0.1.0"

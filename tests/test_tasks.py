@@ -7,14 +7,18 @@ from jaxpost.data import tasks
 from jaxpost.data.tasks import arithmetic, reward_fn, task_rows
 
 
+def plain(split, kind, **kw):
+  return task_rows("arithmetic", split, kind, conversational=False, **kw)
+
+
 def prompts(split, kind="prompt"):
-  return {r["prompt"] for r in task_rows("arithmetic", split, kind)}
+  return {r["prompt"] for r in plain(split, kind)}
 
 
 def test_deterministic_across_regeneration():
-  first = task_rows("arithmetic", "train", "preference")
+  first = plain("train", "preference")
   arithmetic.questions.cache_clear()
-  again = task_rows("arithmetic", "train", "preference")
+  again = plain("train", "preference")
   assert first == again
   assert first[0] == {"prompt": "What is 29 + 29 - 12? Answer with just the number.",
                       "chosen": "46", "rejected": again[0]["rejected"]}
@@ -30,10 +34,10 @@ def test_sizes_and_disjoint_splits():
 
 def test_rows_are_correct_and_consistent():
   check = reward_fn("arithmetic")
-  for r in task_rows("arithmetic", "eval", "prompt"):
+  for r in plain("eval", "prompt"):
     assert r["answer"] == arithmetic.evaluate(r["prompt"])
-  sft = task_rows("arithmetic", "eval", "sft")
-  pref = task_rows("arithmetic", "eval", "preference")
+  sft = plain("eval", "sft")
+  pref = plain("eval", "preference")
   assert [r["completion"] for r in sft] == [r["chosen"] for r in pref]
   ps = [r["prompt"] for r in pref]
   assert np.all(check(ps, [r["chosen"] for r in pref]) == 1.0)
@@ -46,7 +50,7 @@ def test_rows_are_correct_and_consistent():
 def test_ranked_rows_are_strictly_ordered():
   scorer = reward_fn("arithmetic", format_weight=arithmetic.FORMAT_WEIGHT)
   for k in (3, 4):
-    rows = task_rows("arithmetic", "eval", "ranked", k=k)
+    rows = plain("eval", "ranked", k=k)
     for r in rows:
       assert len(r["responses"]) == k == len(set(r["responses"]))
       assert list(scorer([r["prompt"]] * k, r["responses"])) == r["scores"]
@@ -54,12 +58,21 @@ def test_ranked_rows_are_strictly_ordered():
 
 
 def test_unpaired_rows():
-  rows = task_rows("arithmetic", "eval", "unpaired")
+  rows = plain("eval", "unpaired")
   labels = np.array([r["label"] for r in rows])
   assert len(rows) == 2 * arithmetic.EVAL_SIZE and labels.mean() == 0.5
   assert labels[:20].tolist() != [True, False] * 10  # shuffled, not chosen/rejected alternation
   scores = reward_fn("arithmetic")([r["prompt"] for r in rows], [r["completion"] for r in rows])
   assert np.all(scores[labels] == 1.0)
+
+
+def test_conversational_rows_by_default():
+  conv, flat = task_rows("arithmetic", "eval", "ranked"), plain("eval", "ranked")
+  assert conv[0]["prompt"] == [{"role": "user", "content": flat[0]["prompt"]}]
+  assert conv[0]["responses"][1] == [{"role": "assistant", "content": flat[0]["responses"][1]}]
+  pref = task_rows("arithmetic", "eval", "preference")
+  scores = reward_fn("arithmetic")([r["prompt"] for r in pref], [r["chosen"] for r in pref])
+  assert np.all(scores == 1.0)  # message lists are scored by their last user/assistant content
 
 
 @pytest.mark.parametrize("text,want", [

@@ -26,12 +26,15 @@ the per-pair losses (the total is their mean over the batch) are
 `sft_weight` α adds α · NLL_c to any of them (RPO, Pang et al. 2024), where
 NLL_c = -Σ π_c / Σ n_c is the per-token NLL of the chosen completions over the whole batch.
 
+These match TRL 1.16 (DPOTrainer; CPOTrainer for simpo; ORPOTrainer; KTOTrainer), except that TRL
+1.16's sigmoid ignores label_smoothing (cDPO there is older TRL's and CPOTrainer's behaviour).
+
 Metrics use TRL's names: `rewards/chosen` = mean β(π_c - ref_c) (for simpo and orpo, which have no
 reference: β avg π_c), `rewards/rejected`, `rewards/accuracies` = mean[reward_c > reward_r]
-(a difference within float32 rounding of the log-prob sums, TIE_TOLERANCE relative, is a tie:
-the differentiated policy forward and the reference forward round differently under XLA, and
-policy = reference must score 0 as in TRL),
-`rewards/margins`, `logps/chosen`, `logps/rejected` (means of the summed log-probs), and when the
+where a difference within float32 rounding of the log-probs (TIE_TOLERANCE relative) is a tie
+(XLA rounds the differentiated policy forward and the reference forward differently, and
+policy = reference must score 0 as in TRL), `rewards/margins`, `logps/chosen`, `logps/rejected`
+(means of the summed log-probs), and when the
 logit sums are given `logits/chosen`, `logits/rejected`: the mean over all completion tokens of the
 batch of the mean logit over the vocabulary. Their input is the per-row sum over completion tokens
 of that mean logit: `sequence_logprobs(token_stats(...)["logit_mean"], loss_mask)`.

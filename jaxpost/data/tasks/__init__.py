@@ -3,8 +3,10 @@
     rows = task_rows("arithmetic", "train", "preference")  # [{"prompt", "chosen", "rejected"}]
     score = reward_fn("arithmetic")(prompts, completions, rows)  # np.float32 [N], 1 = correct
 
-Row kinds (TRL column conventions; prompts are plain strings, the chat template is applied by the
-data pipeline):
+Row kinds (TRL column conventions). Rows are conversational by default (prompt = one user message,
+completions = one assistant message), so the data pipeline and `jaxpost.generate` both render them
+with the model's chat template; `conversational=False` gives plain strings (no template, as TRL
+treats standard rows). Columns:
   "sft"        prompt, completion                 the concise correct answer
   "preference" prompt, chosen, rejected           chosen concise+correct; rejected a mix of wrong,
                                                   rambling, and wrong+rambling
@@ -56,7 +58,19 @@ def _row(question: str, rng: np.random.Generator, kind: str, k: int) -> list[dic
   return [{"prompt": prompt, "answer": arithmetic.evaluate(question)}]
 
 
-def task_rows(name: str, split: str, kind: str, k: int = 3) -> list[dict]:
+def _conversational(row: dict) -> dict:
+  out = dict(row)
+  out["prompt"] = [{"role": "user", "content": row["prompt"]}]
+  for key in ("completion", "chosen", "rejected"):
+    if key in row:
+      out[key] = [{"role": "assistant", "content": row[key]}]
+  if "responses" in row:
+    out["responses"] = [[{"role": "assistant", "content": r}] for r in row["responses"]]
+  return out
+
+
+def task_rows(name: str, split: str, kind: str, k: int = 3,
+              conversational: bool = True) -> list[dict]:
   """Rows of built-in task `name` for `split` ("train"/"eval") in format `kind` (see module doc).
 
   `k` is the number of ranked responses per prompt (kind "ranked" only; 2 <= k <= 4).
@@ -72,17 +86,17 @@ def task_rows(name: str, split: str, kind: str, k: int = 3) -> list[dict]:
   if kind == "unpaired":
     order = np.random.default_rng(arithmetic.SEEDS[split]).permutation(len(rows))
     rows = [rows[i] for i in order]
-  return rows
+  return [_conversational(r) for r in rows] if conversational else rows
 
 
-def _prompt_text(prompt) -> str:
-  """The question text of a plain prompt or of a conversational one (its last user message)."""
-  if isinstance(prompt, str):
-    return prompt
-  users = [m["content"] for m in prompt if m.get("role") == "user"]
-  if not users:
-    raise ValueError(f"reward: conversational prompt has no user message: {prompt!r}")
-  return users[-1]
+def _text(value, role: str) -> str:
+  """A plain string, or the content of the last `role` message of a conversational value."""
+  if isinstance(value, str):
+    return value
+  found = [m["content"] for m in value if m.get("role") == role]
+  if not found:
+    raise ValueError(f"reward: conversational value has no {role} message: {value!r}")
+  return found[-1]
 
 
 def reward_fn(name: str, format_weight: float = 0.0) -> Callable[..., np.ndarray]:
@@ -90,7 +104,8 @@ def reward_fn(name: str, format_weight: float = 0.0) -> Callable[..., np.ndarray
 
   Score = 1 if the completion's final number is the exact answer else 0, plus `format_weight`
   if the completion is just the number. The answer comes from `rows[i]["answer"]` when given,
-  otherwise it is recomputed from the prompt text (plain or conversational prompts).
+  otherwise it is recomputed from the prompt text. Prompts and completions may be plain strings or
+  conversational (the last user / assistant message counts).
   """
   _check_name(name)
 
@@ -100,7 +115,8 @@ def reward_fn(name: str, format_weight: float = 0.0) -> Callable[..., np.ndarray
     out = np.zeros(len(completions), np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions)):
       answer = rows[i]["answer"] if rows and "answer" in rows[i] else arithmetic.evaluate(
-          _prompt_text(p))
+          _text(p, "user"))
+      c = _text(c, "assistant")
       out[i] = float(arithmetic.extract_answer(c) == int(answer))
       out[i] += format_weight * arithmetic.is_concise(c)
     return out

@@ -1,0 +1,130 @@
+"""The algorithm registry: how SFT, reward modelling, DPO, PPO, ... plug into the one loop.
+
+An algorithm is an `Algorithm` record registered under the name that `config.algorithm` selects:
+
+    register(Algorithm(
+        name="dpo",
+        loss_fn=dpo_loss,                # pure: (params, frozen, batch, rng, ctx) -> (loss, metrics)
+        loader_kind="preference",        # build_loader kind: "sft" | "preference" | "unpaired" | "prompt"
+        head="lm",                       # trainable model head: "lm" or "score"
+        weight_fn=examples,              # weight of a microbatch in the accumulated mean
+        prepare_frozen=reference_model,  # optional: builds the frozen trees (e.g. the reference)
+        collect=None,                    # optional: host-side collect phase (PPO/GRPO/RLOO)
+        finalize_metrics=None,           # optional: derived metrics from the averaged ones
+    ))
+
+Contract, in the order the loop uses it:
+
+* `prepare_frozen(ctx: SetupContext) -> (frozen, modules)`: `frozen` is a dict of parameter trees
+  that are inputs to the step but never optimised (no optimiser state, no gradient); `modules`
+  maps the same names to the Flax modules that apply them. `ctx.policy` is the loaded policy
+  (its params are DONATED to the train state: copy them, e.g. `jax.tree.map(jnp.copy, ...)`,
+  to reuse them as a reference); `ctx.load(name_or_path, head)` loads another model already
+  sharded on the training mesh. Frozen trees are checkpointed only through their config.
+* `loss_fn(params, frozen, batch, rng, ctx: LossContext) -> (loss, metrics)` is traced inside the
+  jitted step. `batch` is ONE microbatch (see DESIGN "Batches"); `loss` a scalar mean over it;
+  `metrics` a flat dict of scalars (TRL names). `ctx.model` applies `params`; `ctx.modules[k]`
+  applies `frozen[k]`; `ctx.config` is the run config; `ctx.training` is False in eval (no noise).
+  `rng` is a fresh key per step and microbatch. The step differentiates w.r.t. `params` only.
+* `weight_fn(microbatch) -> scalar`: the step returns sum_i w_i loss_i / sum_i w_i over the
+  microbatches (and weights metrics the same way), so gradient accumulation is exact when
+  `loss_i` is a mean over `w_i` units (tokens for SFT, pairs for DPO). Default: number of rows.
+* `collect(state, frozen, batch, ctx: LossContext) -> iterable of batches` (optional) runs on the
+  host between loader and step (it may call its own jitted functions: generation, scoring,
+  reference log-probs, advantages); the loop runs one optimiser step per yielded batch, so
+  "epochs x minibatches" over a collected rollout is simply a generator. A checkpoint taken
+  inside a rollout resumes at the next loader batch.
+* `finalize_metrics(metrics) -> metrics` (optional) derives metrics from averaged ones (SFT adds
+  perplexity = exp(loss)).
+
+`get(name)` raises naming the registered algorithms. "sft" registers at the bottom of this file,
+the other built-ins in the modules of `BUILTIN_MODULES` (imported on the first unknown name; the
+loss math stays in `jaxpost/losses/<algo>.py`); user code may `register` its own before calling
+`jaxpost.train(config)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import jax.numpy as jnp
+
+from jaxpost.losses import sft
+
+LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
+# Modules registering the other built-in algorithms ("dpo", "kto", "rm"), imported on demand.
+BUILTIN_MODULES = ("jaxpost.train.preference",)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+  """Static (non-array) inputs of a loss: closed over, never traced."""
+  model: Any
+  config: Any
+  training: bool = True
+  modules: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupContext:
+  """What `prepare_frozen` receives: the run config, the loaded policy and a sharded loader."""
+  config: Any
+  policy: Any
+  load: Callable[..., Any]
+
+
+def examples(batch) -> Any:
+  """Default microbatch weight: its number of rows."""
+  leaf = next(iter(batch.values()))
+  return jnp.asarray(leaf.shape[0], jnp.float32)
+
+
+def no_frozen(ctx: SetupContext):
+  del ctx
+  return {}, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+  name: str
+  loss_fn: Callable
+  loader_kind: str = "sft"
+  head: str = "lm"
+  weight_fn: Callable = examples
+  prepare_frozen: Callable = no_frozen
+  collect: Optional[Callable[..., Iterable[dict]]] = None
+  finalize_metrics: Optional[Callable[[dict], dict]] = None
+
+  def __post_init__(self):
+    if self.loader_kind not in LOADER_KINDS:
+      raise ValueError(f"Algorithm {self.name!r}: loader_kind {self.loader_kind!r} is not one of "
+                       f"{LOADER_KINDS}")
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+  _REGISTRY[algorithm.name] = algorithm
+  return algorithm
+
+
+def get(name: str) -> Algorithm:
+  if name not in _REGISTRY:
+    for module in BUILTIN_MODULES:
+      importlib.import_module(module)
+  if name not in _REGISTRY:
+    raise ValueError(f"config.algorithm={name!r} is not a registered algorithm; "
+                     f"known: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def _with_perplexity(metrics: dict) -> dict:
+  return {**metrics, "perplexity": math.exp(min(metrics["loss"], 80.0))}
+
+
+register(Algorithm(name="sft", loss_fn=sft.sft_loss, loader_kind="sft",
+                   weight_fn=sft.num_targets, finalize_metrics=_with_perplexity))

@@ -1,0 +1,296 @@
+"""The one training loop. `train(config)` runs, for any registered algorithm:
+
+    distributed init -> mesh -> policy (+ frozen trees) -> sharded state -> resume if possible
+    -> repeat: next batch -> [collect] -> jitted step
+               every log_every: fetch device metrics, check finiteness, write a record
+               every eval_every: eval loss (+ perplexity) on `eval_steps` batches of data.eval
+               every checkpoint.every and at the end: async checkpoint (state, data position)
+    -> optional HF export
+
+No host sync happens between log boundaries: step metrics stay on device until the next flush.
+A non-finite loss or gradient norm raises `NonFiniteError` naming the step at the next flush;
+flushes precede every checkpoint, so such a state is never saved. SIGTERM finishes the current
+step, saves and returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from jaxpost.train import algorithms
+from jaxpost.train import sharding as sh
+from jaxpost.train.checkpoint import Checkpointer
+from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, train_flops
+from jaxpost.train.optim import build_optimizer
+from jaxpost.train.state import abstract_like, create_train_state, load_sharded
+from jaxpost.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger("jaxpost.train")
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf; raised at the next log or checkpoint boundary."""
+
+
+def train(config, train_loader=None, eval_loader=None) -> dict:
+  """Trains per `config` (see configs/base.py); returns the final metrics (last logged train
+  record, `eval/*` of the final eval, `step`). Loaders default to `data.train` / `data.eval`."""
+  initialize_distributed(config.distributed)
+  algorithm = algorithms.get(config.algorithm)
+  mesh = sh.build_mesh(config.mesh)
+  rules = sh.rules_of(config.mesh)
+  log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
+           jax.process_count())
+  trainer = Trainer(config, algorithm, mesh, rules, train_loader, eval_loader)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # for activation sharding constraints
+    return trainer.run()
+
+
+def initialize_distributed(dist_cfg):
+  """`jax.distributed.initialize` when `config.distributed.initialize` (coordinator, process
+  count and id may be left empty on TPU/SLURM, where they are discovered)."""
+  if dist_cfg.cpu_collectives:
+    jax.config.update("jax_cpu_collectives_implementation", dist_cfg.cpu_collectives)
+  if dist_cfg.initialize and not jax.distributed.is_initialized():
+    jax.distributed.initialize(
+        coordinator_address=dist_cfg.coordinator_address or None,
+        num_processes=dist_cfg.num_processes if dist_cfg.num_processes > 0 else None,
+        process_id=dist_cfg.process_id if dist_cfg.process_id >= 0 else None)
+
+
+def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str):
+  source = config.data.train if split == "train" else config.data.eval
+  if isinstance(source, str) and source.startswith("synthetic"):
+    if kind != "sft":
+      raise ValueError(f"data source {source!r} only provides 'sft' batches, not {kind!r}")
+    from jaxpost.train.synthetic import SyntheticLoader, parse_spec
+    return SyntheticLoader(vocab_size, config.batch_size, config.data.max_length,
+                           seed=config.seed + (split != "train"), **parse_spec(source),
+                           process_index=jax.process_index(), process_count=jax.process_count())
+  from jaxpost.data.loader import build_loader
+  return build_loader(config.data, tokenizer, kind, config.batch_size, seed=config.seed,
+                      split=split, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+
+
+class Trainer:
+  """Setup in `__init__`, the loop in `run`. Use `train(config)`."""
+
+  def __init__(self, config, algorithm, mesh, rules, train_loader=None, eval_loader=None):
+    self.config, self.algorithm, self.mesh = config, algorithm, mesh
+    load = functools.partial(load_sharded, config.model, mesh, rules)
+    self.policy = load(head=algorithm.head, seed=config.seed)
+    self.frozen, modules = algorithm.prepare_frozen(
+        algorithms.SetupContext(config, self.policy, load))
+    tx, schedule = build_optimizer(config.optimizer, config.max_steps)
+    self.state, state_sh = create_train_state(self.policy.params, tx, config.seed, mesh)
+    self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
+    self.ctx = algorithms.LossContext(self.policy.model, config, True, modules)
+    self._jit_steps(tx, schedule, state_sh)
+    self._build_loaders(train_loader, eval_loader)
+    self.ckpt = Checkpointer(config.workdir, config.checkpoint.keep, config.checkpoint.async_save)
+    self.start_step = self._maybe_resume(state_sh)
+    self.stop_requested = False
+    self.pending = []  # (step, device metrics, flops, timed) since the last flush
+    self.last, self.last_eval = {}, {}
+    self.num_tokens, self.compile_time = 0.0, None
+
+  # ------------------------------------------------------------------------------- setup
+
+  def _jit_steps(self, tx, schedule, state_sh):
+    """The train step (state donated) and eval step, with explicit in/out shardings."""
+    cfg, mesh = self.config, self.mesh
+    frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
+    self._batch_sharding = sh.batch_sharding(mesh)
+    rep = sh.replicated(mesh)
+    step = make_train_step(self.algorithm, self.ctx, tx, schedule, cfg.grad_accum, mesh,
+                           state_sh.params)
+    self.train_step = jax.jit(step, in_shardings=(state_sh, frozen_sh, self._batch_sharding),
+                              out_shardings=(state_sh, rep), donate_argnums=(0,))
+    eval_ctx = dataclasses.replace(self.ctx, training=False)
+    self.eval_step = jax.jit(
+        make_eval_step(self.algorithm, eval_ctx, cfg.grad_accum, mesh),
+        in_shardings=(state_sh.params, frozen_sh, self._batch_sharding), out_shardings=rep)
+
+  def _build_loaders(self, train_loader, eval_loader):
+    cfg, kind = self.config, self.algorithm.loader_kind
+    make = lambda split: make_loader(cfg, self.policy.tokenizer, self.policy.config.vocab_size,
+                                     kind, split)
+    self.loader = train_loader or make("train")
+    if eval_loader is None and cfg.data.eval:
+      eval_loader = make("eval")
+    self.eval_loader = eval_loader
+    self._eval_start = eval_loader.state() if eval_loader is not None else None
+
+  def _maybe_resume(self, state_sh) -> int:
+    latest = self.ckpt.latest_step()
+    if latest is None:
+      return 0
+    self.state, data_state, _ = self.ckpt.restore(latest, abstract_like(self.state, state_sh))
+    self.loader.restore(data_state)
+    log.info("Resumed from %s at step %d", self.ckpt.manager.directory, latest)
+    return int(jax.device_get(self.state.step))
+
+  def _global(self, batch: dict) -> dict:
+    return sh.global_batch(batch, self._batch_sharding, jax.process_count())
+
+  def _batches(self):
+    """Loader batches, or what the algorithm's collect phase makes of each."""
+    for batch in self.loader:
+      if self.algorithm.collect is None:
+        yield batch
+      else:
+        yield from self.algorithm.collect(self.state, self.frozen, batch, self.ctx)
+
+  # ------------------------------------------------------------------------------- loop
+
+  def run(self) -> dict:
+    cfg = self.config
+    step = self.start_step
+    self.writer = MetricsWriter(cfg, Path(cfg.workdir), cfg.max_steps, step)
+    previous_handler = self._install_sigterm()
+    evals = {}
+    try:
+      if self.eval_loader is not None and cfg.eval_at_start and step == 0:
+        evals["before"] = self._evaluate(step)
+      self.window_start = time.perf_counter()
+      batches = self._batches()
+      while step < cfg.max_steps and not self.stop_requested:
+        batch = next(batches)
+        flops = train_flops(self.policy.config, batch)
+        self.state, metrics = self.train_step(self.state, self.frozen, self._global(batch))
+        step += 1
+        first = step == self.start_step + 1
+        if first:  # one sync: the first step's time is mostly compilation
+          jax.block_until_ready(metrics)
+          self.compile_time = time.perf_counter() - self.window_start
+          self.window_start = time.perf_counter()
+        self.pending.append((step, metrics, flops, not first))
+        self._boundaries(step)
+      self._flush(step)
+      self._save(step)
+      if not self.stop_requested:
+        if self.eval_loader is not None and not (cfg.eval_every and step % cfg.eval_every == 0):
+          evals["after"] = self._evaluate(step)
+        if cfg.export_hf:
+          self._export(Path(cfg.workdir) / cfg.export_hf)
+    finally:
+      if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
+      self.writer.close()
+      for loader in (self.loader, self.eval_loader):
+        getattr(loader, "close", lambda: None)()
+      self.ckpt.wait()
+      self.ckpt.close()
+    return self._summary(step, evals)
+
+  def _boundaries(self, step: int):
+    cfg = self.config
+    every = lambda n: n > 0 and step % n == 0
+    save = every(cfg.checkpoint.every)
+    evaluate = self.eval_loader is not None and every(cfg.eval_every)
+    if every(cfg.log_every) or save or evaluate or self.stop_requested:
+      self._flush(step)
+    if evaluate:
+      self.last_eval = self._evaluate(step)
+    if save or self.stop_requested:
+      self._save(step)
+    if self.stop_requested:
+      log.warning("SIGTERM: saved a checkpoint at step %d; stopping", step)
+
+  def _flush(self, step: int):
+    """Fetches pending metrics, stops on a non-finite step, writes the averaged record."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m, _, _ in self.pending])
+    elapsed = time.perf_counter() - self.window_start
+    for (s, _, _, _), m in zip(self.pending, fetched):
+      if not m["finite"]:
+        raise NonFiniteError(
+            f"Non-finite loss or gradient at step {s} (loss={m['loss']}, "
+            f"grad_norm={m['grad_norm']}); stopping without checkpointing it. Last checkpoint: "
+            f"step {self.ckpt.latest_step()} in {self.ckpt.manager.directory}")
+    record = {k: float(np.mean([m[k] for m in fetched]))
+              for k in fetched[0] if k not in ("finite", "tokens")}
+    record["learning_rate"] = float(fetched[-1]["learning_rate"])
+    timed = [(m, f) for (_, _, f, t), m in zip(self.pending, fetched) if t]
+    if timed:
+      record.update(self._throughput(timed, elapsed))
+    if self.compile_time is not None:
+      record["compile_time"], self.compile_time = self.compile_time, None
+    self.num_tokens += sum(float(m["tokens"]) for m in fetched)
+    record["num_tokens"] = self.num_tokens
+    if self.algorithm.finalize_metrics:
+      record = self.algorithm.finalize_metrics(record)
+    self.writer.write(step, record)
+    self.writer.advance(len(self.pending))
+    self.last = record
+    self.pending = []
+    self.window_start = time.perf_counter()
+
+  def _throughput(self, timed, elapsed: float) -> dict:
+    """step_time, tokens_per_sec (real tokens) and MFU over the timed steps of a window."""
+    tokens = sum(float(m["tokens"]) for m, _ in timed)
+    flops = sum(f for _, f in timed)
+    peak = jax.device_count() * peak_flops_per_device(self.config.metrics.cpu_peak_flops)
+    return {"step_time": elapsed / len(timed), "tokens_per_sec": tokens / elapsed,
+            "mfu": flops / elapsed / peak}
+
+  def _evaluate(self, step: int) -> dict:
+    """Weighted mean of the loss and metrics over `eval_steps` eval batches (same batches each
+    time), logged as eval/<name>."""
+    self.eval_loader.restore(self._eval_start)
+    batches = iter(self.eval_loader)
+    results = [self.eval_step(self.state.params, self.frozen, self._global(next(batches)))
+               for _ in range(self.config.eval_steps)]
+    results = jax.device_get(results)
+    weights = np.array([w for _, w in results], np.float64)
+    total = weights.sum() or 1.0
+    metrics = {k: float(sum(w * m[k] for (m, _), w in zip(results, weights)) / total)
+               for k in results[0][0]}
+    if self.algorithm.finalize_metrics:
+      metrics = self.algorithm.finalize_metrics(metrics)
+    record = {f"eval/{k}": v for k, v in metrics.items()}
+    self.writer.write(step, record)
+    self.window_start = time.perf_counter()
+    return record
+
+  def _save(self, step: int):
+    """Saves unless checkpointing is off (checkpoint.every < 0); always after a flush."""
+    if self.config.checkpoint.every >= 0 and step > 0:
+      self.ckpt.save(step, self.state, self.loader.state(), self.config)
+
+  def _install_sigterm(self):
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+      return None
+
+    def handler(signum, frame):
+      del signum, frame
+      self.stop_requested = True
+
+    return signal.signal(signal.SIGTERM, handler)
+
+  def _export(self, out_dir: Path):
+    from jaxpost.train.export import export_params
+    export_params(self.policy, self.state.params, self.mesh, out_dir)
+
+  def _summary(self, step: int, evals: dict) -> dict:
+    out = {"step": step, **self.last, **self.last_eval}
+    out.update(evals.get("after", {}))
+    if "before" in evals:
+      out.update({f"{k}_before": v for k, v in evals["before"].items()})
+      if jax.process_index() == 0 and "eval/loss" in out:
+        print(f"eval loss: {evals['before']['eval/loss']:.4f} (step 0) -> "
+              f"{out['eval/loss']:.4f} (step {step})")
+    out["preempted"] = self.stop_requested
+    return out

@@ -1,0 +1,128 @@
+"""Run logging (metrics.jsonl, TensorBoard, optional W&B, progress bar) and FLOP accounting.
+
+Model FLOPs per trained token position of a decoder with N matmul parameters (embedding lookup
+excluded, output projection included), L layers, H query heads of size d and sequence length T
+(PaLM, Chowdhery et al. 2022, appendix B):
+
+    6 N + 12 L H d T       (forward + backward; rematerialisation is not counted)
+
+MFU = model FLOPs per second / (devices x peak FLOP/s per device). Peaks are dense bf16 figures
+by device kind; on CPU `config.metrics.cpu_peak_flops` is the whole host's peak, shared by its
+(possibly fake) devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, matched as a substring of `device.device_kind` (lower case).
+PEAK_FLOPS = (
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
+    ("v4", 275e12), ("v3", 123e12), ("v2", 45e12),
+    ("gb200", 2450e12), ("b200", 2250e12), ("h200", 989e12), ("h100", 989e12), ("h800", 989e12),
+    ("gh200", 989e12), ("a100", 312e12), ("a800", 312e12), ("l40s", 362e12), ("l4", 121e12),
+    ("a10g", 70e12), ("a10", 125e12), ("v100", 125e12), ("t4", 65e12),
+    ("mi300", 1307e12), ("mi250", 362e12),
+)
+
+
+def peak_flops_per_device(cpu_peak_flops: float) -> float:
+  device = jax.local_devices()[0]
+  if device.platform == "cpu":
+    return cpu_peak_flops / jax.local_device_count()
+  kind = device.device_kind.lower()
+  for name, peak in PEAK_FLOPS:
+    if name in kind:
+      return peak
+  return float("nan")
+
+
+def matmul_params(cfg) -> int:
+  """Parameters that take part in matmuls (the output projection once, no embedding lookup)."""
+  return cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+
+
+def train_flops(cfg, batch: dict) -> float:
+  """Model FLOPs of one training step on `batch` (every `*input_ids` field is a forward)."""
+  total = 0.0
+  for key, ids in batch.items():
+    if key.endswith("input_ids"):
+      rows, length = ids.shape
+      per_token = 6 * matmul_params(cfg) + 12 * cfg.num_hidden_layers * \
+          cfg.num_attention_heads * cfg.head_dim * length
+      total += per_token * rows * length
+  return total
+
+
+class MetricsWriter:
+  """Writes workdir/metrics.jsonl, TensorBoard events and (if enabled and installed) W&B, on
+  process 0 only; other processes get a no-op writer."""
+
+  def __init__(self, config, workdir: Path, total_steps: int, initial_step: int):
+    self.active = jax.process_index() == 0
+    self._tb = self._wandb = self._bar = None
+    if not self.active:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    if config.metrics.tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+    if config.metrics.wandb:
+      self._wandb = _start_wandb(config)
+    if config.metrics.progress_bar:
+      from tqdm import tqdm
+      self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
+                       desc=config.algorithm)
+
+  def write(self, step: int, metrics: dict):
+    if not self.active:
+      return
+    record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, float)}
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
+    if self._bar is not None and "loss" in metrics:
+      self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+
+  def advance(self, steps: int):
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def close(self):
+    if not self.active:
+      return
+    self._jsonl.close()
+    for handle in (self._tb, self._bar):
+      if handle is not None:
+        handle.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _jsonable(value):
+  if isinstance(value, (int, str, bool)):
+    return value
+  value = float(value)
+  return value if math.isfinite(value) else str(value)
+
+
+def _start_wandb(config):
+  try:
+    import wandb
+  except ImportError:
+    print("config.metrics.wandb=True but wandb is not installed; skipping W&B logging")
+    return None
+  return wandb.init(project=config.metrics.wandb_project, config=config.to_dict(),
+                    dir=str(config.workdir), name=os.path.basename(str(config.workdir)))

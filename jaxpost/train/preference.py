@@ -1,0 +1,221 @@
+"""The DPO family, KTO and the Bradley–Terry reward model as algorithms of the one training loop.
+
+The math is in `jaxpost/losses/dpo.py` and `jaxpost/losses/reward.py`; this file turns batches
+into the per-sequence inputs of those losses:
+
+* Pairs (`chosen_*` / `rejected_*` fields, DESIGN "Batches") go through the model in ONE forward
+  of 2B rows (chosen rows first), then split; each side gives summed completion log-probs, its
+  completion length (trainable tokens) and its sum of vocabulary-mean logits (`logits/*`).
+* Reference log-probs come from the frozen tree `frozen["ref"]` under `stop_gradient` (the initial
+  policy by default, `config.ref.name_or_path` otherwise), or, when the batch carries them
+  (`ref_chosen_logps` / `ref_rejected_logps`, e.g. precomputed once and cached), from the batch.
+  Reference-free losses (simpo, orpo) load no reference.
+* KTO rows (`input_ids`, ..., `label`) also need the KL estimate on mismatched pairs: row i's
+  prompt with row i-1's completion, built on device from the batch (`mismatched_pairs`), as TRL
+  does by cycling completions within the batch.
+* The reward model is the policy with a scalar head (`head="score"`): r = score at the last real
+  token of each sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost.losses.dpo import PreferenceLossConfig, kto_loss, preference_loss
+from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
+from jaxpost.losses.reward import bradley_terry_loss
+from jaxpost.models.heads import last_token_scores
+from jaxpost.train.algorithms import Algorithm, SetupContext, register
+
+FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss_mask")
+
+
+def concat_pairs(batch: dict) -> dict:
+  """The five sequence fields of chosen rows then rejected rows: [2B, T] each."""
+  return {f: jnp.concatenate([batch["chosen_" + f], batch["rejected_" + f]], axis=0)
+          for f in FIELDS if "chosen_" + f in batch}
+
+
+def sequence_stats(model, params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+  """Per-row `logps` (sum over loss_mask), `lengths` and `logits_sum` of a causal LM, fp32 [B]."""
+  stats = model_token_stats(model, params, batch, chunk_size=chunk_size)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return {"logps": jnp.sum(stats["logprobs"] * mask, axis=-1),
+          "lengths": jnp.sum(mask, axis=-1),
+          "logits_sum": jnp.sum(stats["logit_mean"] * mask, axis=-1)}
+
+
+def _chunk(config) -> int:
+  return int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE))
+
+
+def reference_logps(module, ref_params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
+  """(ref_chosen_logps, ref_rejected_logps) [B] of a pair batch, without gradient."""
+  stats = sequence_stats(module, jax.lax.stop_gradient(ref_params), concat_pairs(batch),
+                         chunk_size)
+  return tuple(jnp.split(jax.lax.stop_gradient(stats["logps"]), 2))
+
+
+def _batch_reference(batch, frozen, ctx):
+  if "ref_chosen_logps" in batch:
+    return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+  if "ref" in frozen:
+    return reference_logps(ctx.modules["ref"], frozen["ref"], batch, _chunk(ctx.config))
+  return None, None
+
+
+def dpo_loss_fn(params, frozen, batch, rng, ctx):
+  """Loop loss for `config.algorithm="dpo"` (pairwise loss types); see the module docstring."""
+  del rng
+  cfg = PreferenceLossConfig.from_config(ctx.config)
+  if not cfg.paired:
+    raise ValueError("config.loss_type='kto' trains on unpaired rows: set config.algorithm='kto'")
+  stats = sequence_stats(ctx.model, params, concat_pairs(batch), _chunk(ctx.config))
+  (pc, pr), (nc, nr), (sc, sr) = (jnp.split(stats[k], 2) for k in ("logps", "lengths",
+                                                                     "logits_sum"))
+  rc, rr = _batch_reference(batch, frozen, ctx)
+  return preference_loss(cfg, pc, pr, nc, nr, rc, rr, jax.lax.stop_gradient(sc),
+                         jax.lax.stop_gradient(sr))
+
+
+def mismatched_pairs(batch: dict) -> dict:
+  """Row i = row i's prompt followed by row (i-1 mod B)'s completion, truncated to T.
+
+  Rows must be unpacked and right-padded with the completion as the trailing trainable span
+  (prompt/completion rows). The result has the five sequence fields; its loss_mask marks the
+  borrowed completion.
+  """
+  ids, loss_mask = batch["input_ids"], batch["loss_mask"].astype(jnp.int32)
+  b, t = ids.shape
+  prompt_len = jnp.argmax(loss_mask > 0, axis=-1)
+  comp_len = jnp.sum(loss_mask, axis=-1)
+  src = (jnp.arange(b) - 1) % b
+  offset = jnp.arange(t)[None, :] - prompt_len[:, None]  # position within the new completion
+  in_prompt = offset < 0
+  in_comp = (offset >= 0) & (offset < comp_len[src][:, None])
+  take = jnp.clip(prompt_len[src][:, None] + offset, 0, t - 1)
+  borrowed = jnp.take_along_axis(ids[src], take, axis=1)
+  real = in_prompt | in_comp
+  new_ids = jnp.where(in_prompt, ids, jnp.where(in_comp, borrowed, 0))
+  return {"input_ids": new_ids, "attention_mask": real.astype(ids.dtype),
+          "positions": jnp.maximum(jnp.cumsum(real, axis=-1) - 1, 0).astype(ids.dtype),
+          "segment_ids": real.astype(ids.dtype), "loss_mask": in_comp.astype(ids.dtype)}
+
+
+def kto_loss_fn(params, frozen, batch, rng, ctx):
+  """Loop loss for `config.algorithm="kto"`: unpaired rows with a 0/1 `label`."""
+  del rng
+  cfg = PreferenceLossConfig.from_config(ctx.config)  # kto_loss checks loss_type == "kto"
+  chunk = _chunk(ctx.config)
+  rows = {f: batch[f] for f in FIELDS if f in batch}
+  stats = sequence_stats(ctx.model, params, rows, chunk)
+  ref = ref_kl = policy_kl = None
+  if "ref" in frozen:
+    kl_rows = mismatched_pairs(batch)
+    both = {f: jnp.concatenate([rows[f], kl_rows[f]]) for f in kl_rows}
+    ref_stats = sequence_stats(ctx.modules["ref"], jax.lax.stop_gradient(frozen["ref"]), both,
+                               chunk)
+    ref, ref_kl = (jax.lax.stop_gradient(x) for x in jnp.split(ref_stats["logps"], 2))
+    policy_kl = jax.lax.stop_gradient(
+        sequence_stats(ctx.model, jax.lax.stop_gradient(params), kl_rows, chunk)["logps"])
+  return kto_loss(cfg, stats["logps"], stats["lengths"], batch["label"], ref, policy_kl, ref_kl,
+                  jax.lax.stop_gradient(stats["logits_sum"]))
+
+
+def pair_scores(module, params, batch: dict):
+  """(chosen, rejected) scalar rewards [B] of a scalar-head model: one forward over 2B rows."""
+  rows = concat_pairs(batch)
+  scores = module.apply({"params": params}, rows["input_ids"], rows["attention_mask"],
+                        rows.get("positions"), rows.get("segment_ids"))
+  return tuple(jnp.split(last_token_scores(scores, rows["attention_mask"]), 2))
+
+
+def reward_loss_fn(params, frozen, batch, rng, ctx):
+  """Loop loss for `config.algorithm="rm"`: Bradley–Terry on last-token scores."""
+  del frozen, rng
+  rc, rr = pair_scores(ctx.model, params, batch)
+  margin = batch.get("margin")
+  if margin is not None:  # the loader writes NaN for pairs without a margin
+    margin = jnp.where(jnp.isnan(margin), 0.0, margin)
+  return bradley_terry_loss(rc, rr, margin, ctx.config.get("center_rewards_coefficient", None))
+
+
+def reference_model(ctx: SetupContext):
+  """Frozen trees for DPO/KTO: {"ref": params} or nothing for reference-free loss types.
+
+  `config.ref.name_or_path` names another checkpoint; empty means a copy of the initial policy.
+  With `config.precompute_ref`, `modules["ref_cache"]` also holds the reference log-probs of every
+  training pair (jaxpost/train/ref_cache.py), which `add_cached_reference` puts into the batches;
+  the frozen reference stays for eval batches, which do not pass through the collect phase.
+  """
+  config = ctx.config
+  if not PreferenceLossConfig.from_config(config).needs_reference:
+    return {}, {}
+  ref_cfg = config.get("ref", None)
+  name = ref_cfg.get("name_or_path", "") if ref_cfg is not None else ""
+  if name:
+    ref = ctx.load(name, "lm")
+    frozen, modules = {"ref": ref.params}, {"ref": ref.model}
+  else:
+    frozen = {"ref": jax.tree.map(jnp.copy, ctx.policy.params)}
+    modules = {"ref": ctx.policy.model}
+  if config.get("precompute_ref", False):
+    modules["ref_cache"] = _reference_cache(ctx, modules["ref"], frozen["ref"], name)
+  return frozen, modules
+
+
+def _reference_cache(ctx: SetupContext, module, params, name: str):
+  from jaxpost.train.loop import make_loader  # the loop imports this module's registry
+  from jaxpost.train.ref_cache import RefCache
+  config = ctx.config
+  if config.algorithm != "dpo" or jax.process_count() > 1:
+    raise ValueError("config.precompute_ref=True supports single-process config.algorithm='dpo' "
+                     f"runs only (got algorithm={config.algorithm!r} on {jax.process_count()} "
+                     "processes)")
+  chunk = _chunk(config)
+  score = jax.jit(lambda p, b: reference_logps(module, p, b, chunk))
+  loader = make_loader(config, ctx.policy.tokenizer, ctx.policy.config.vocab_size, "preference",
+                       "train")
+  identity = f"{name or config.model.name_or_path}|{config.model.dtype}|{chunk}"
+  return RefCache.build(lambda batch: score(params, batch), loader, config.workdir, identity)
+
+
+def add_cached_reference(state, frozen, batch, ctx):
+  """Collect phase of "dpo": adds the cached reference log-probs when precompute_ref is on."""
+  del state, frozen
+  cache = ctx.modules.get("ref_cache")
+  yield batch if cache is None else cache.add_to(batch)
+
+
+def task_report(policy, params, config) -> dict:
+  """Held-out task accuracy of greedy generations, for before/after reports.
+
+  Generates for the first `config.report.examples` "eval" prompts of built-in task
+  `config.report.task` ("" disables) and scores them with its verifier: `task/accuracy` (final
+  number right) and `task/concise` (the answer is just the number). `policy` is a LoadedModel
+  (its module and tokenizer), `params` the weights to evaluate.
+  """
+  from jaxpost.data.tasks import reward_fn, task_rows
+  from jaxpost.generate import generate
+  report = config.get("report", None)
+  if report is None or not report.task:
+    return {}
+  rows = task_rows(report.task, "eval", "prompt")[:report.examples]
+  prompts = [r["prompt"] for r in rows]
+  out = generate(dataclasses.replace(policy, params=params), prompts,
+                 max_new_tokens=report.max_new_tokens)
+  correct = reward_fn(report.task)(prompts, out.texts, rows)
+  concise = reward_fn(report.task, format_weight=1.0)(prompts, out.texts, rows) - correct
+  return {"task/accuracy": float(np.mean(correct)), "task/concise": float(np.mean(concise))}
+
+
+DPO = register(Algorithm(name="dpo", loss_fn=dpo_loss_fn, loader_kind="preference",
+                         prepare_frozen=reference_model, collect=add_cached_reference))
+KTO = register(Algorithm(name="kto", loss_fn=kto_loss_fn, loader_kind="unpaired",
+                         prepare_frozen=reference_model))
+RM = register(Algorithm(name="rm", loss_fn=reward_loss_fn, loader_kind="preference",
+                        head="score"))

@@ -1,0 +1,97 @@
+"""Train state and model construction, created directly with their final shardings.
+
+`TrainState` holds only what the optimiser updates plus the step counter and RNG:
+
+    step: int32 []    params: trainable tree (fp32 master)    opt_state    rng: PRNGKey
+
+Frozen trees (a reference model, a reward model, a LoRA base) live outside it, so they have no
+optimiser state and are not donated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxpost.hf import (LoadedModel, build_module, load_model, load_tokenizer, read_hf_config,
+                        resolve_model_dir)
+from jaxpost.models.config import LlamaConfig
+from jaxpost.models.llama import init_params
+from jaxpost.train import sharding as sh
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def model_config(model_cfg, name_or_path: str):
+  """(LlamaConfig, model dir or None) for `config.model` (runtime dtypes, remat, overrides)."""
+  model_dir = resolve_model_dir(name_or_path) if name_or_path else None
+  hf = read_hf_config(model_dir) if model_dir else {"model_type": "llama"}
+  if model_cfg.random_init:
+    hf = {**hf, **dict(model_cfg.overrides)}
+  elif model_cfg.overrides:
+    raise ValueError("config.model.overrides only applies with config.model.random_init=True")
+  runtime = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
+                 scan_layers=model_cfg.scan_layers, remat_policy=model_cfg.remat_policy)
+  return LlamaConfig.from_hf(hf, **runtime), model_dir
+
+
+def load_sharded(model_cfg, mesh, rules, head: str = "lm", name_or_path=None,
+                 seed: int = 0) -> LoadedModel:
+  """Loads (or randomly initialises, with `model_cfg.random_init`) a model whose parameters are
+  created directly with their mesh shardings; `name_or_path` defaults to the policy's."""
+  name = model_cfg.name_or_path if name_or_path is None else name_or_path
+  cfg, model_dir = model_config(model_cfg, name)
+  module = build_module(cfg, head)
+  shardings = sh.param_shardings(module, mesh, rules)
+  if model_cfg.random_init:
+    init = jax.jit(lambda key: init_params(module, key), out_shardings=shardings)
+    params = init(jax.random.PRNGKey(seed))
+    tokenizer = load_tokenizer(model_dir) if model_dir else None
+    return LoadedModel(module, params, tokenizer, cfg, head, name or "random")
+  return load_model(name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, head=head,
+                    scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                    shardings=shardings, seed=seed)
+
+
+def create_train_state(params, tx, seed: int, mesh):
+  """(state, state shardings); the optimiser state is initialised already sharded like params."""
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  abstract_params = jax.eval_shape(lambda p: p, params)
+  opt_sh = sh.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, param_sh,
+                          mesh)
+  rep = sh.replicated(mesh)
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  state = TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), rep),
+      params=params,
+      opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
+      rng=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), rep))
+  return state, shardings
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def abstract_train_state(module, tx, mesh, rules):
+  """The TrainState of `module` as sharded ShapeDtypeStructs, without reading any weights."""
+  param_sh = sh.param_shardings(module, mesh, rules)
+  params = jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0)))
+  opt_state = jax.eval_shape(tx.init, params)
+  rep = sh.replicated(mesh)
+  shardings = TrainState(step=rep, params=param_sh, rng=rep,
+                         opt_state=sh.like_params(opt_state, params, param_sh, mesh))
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return abstract_like(abstract, shardings)

@@ -1,0 +1,113 @@
+"""The jitted train and eval steps, shared by every algorithm.
+
+A global batch of B rows is split into A = `grad_accum` microbatches (row j goes to microbatch
+j mod A, so every device holds rows of every microbatch) and reduced by a `lax.scan`:
+
+    g = sum_i (w_i / W) grad loss_i,    loss = sum_i (w_i / W) loss_i,    W = sum_i w_i
+
+with w_i = `algorithm.weight_fn(microbatch_i)`. When loss_i is a mean over w_i units this equals
+the gradient of the loss of the whole batch, so 4 x 2 accumulation matches 1 x 8 exactly (up to
+float reordering). The optimiser then applies one update. The step never syncs with the host:
+it returns device scalars, including `finite` (loss and gradient norm are finite) which the loop
+checks at every log boundary and before every checkpoint.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxpost.train.sharding import BATCH_AXES
+from jaxpost.train.state import TrainState
+
+
+def split_microbatches(batch: dict, num: int, mesh) -> dict:
+  """[B, ...] -> [num, B / num, ...], microbatch i = rows i, i + num, i + 2 num, ..."""
+  sharding = NamedSharding(mesh, P(None, BATCH_AXES))
+
+  def split(x):
+    rows = x.shape[0]
+    if rows % num:
+      raise ValueError(f"batch of {rows} rows is not divisible by grad_accum={num}")
+    x = x.reshape((rows // num, num) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+  return jax.tree.map(split, batch)
+
+
+def num_tokens(batch: dict) -> jax.Array:
+  """Real (non-pad) tokens in the batch, over every `*attention_mask` field."""
+  masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
+  return sum(jnp.sum(m.astype(jnp.float32)) for m in masks) if masks else jnp.float32(0)
+
+
+def _weighted_sum(fn, micro, weights):
+  """sum_i (w_i / W) fn(microbatch_i, i) as a scan; W = sum_i w_i (1 when all are 0).
+  With one microbatch this is fn(microbatch_0, 0): losses are means over their own weight, so
+  a microbatch of weight 0 has loss 0 either way."""
+  first = jax.tree.map(lambda x: x[0], micro)
+  if weights.shape[0] == 1:  # no accumulation buffer needed (the one scale is w / w = 1)
+    return fn(first, 0)
+  total = jnp.sum(weights)
+  total = jnp.where(total > 0, total, 1.0)
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, 0))
+
+  def body(carry, xs):
+    mb, w, i = xs
+    scale = w / total
+    return jax.tree.map(lambda acc, x: acc + scale * x, carry, fn(mb, i)), None
+
+  steps = jnp.arange(weights.shape[0])
+  return jax.lax.scan(body, init, (micro, weights, steps))[0]
+
+
+def _loss_with_metrics(algorithm, ctx):
+  def loss(params, frozen, batch, rng):
+    value, metrics = algorithm.loss_fn(params, frozen, batch, rng, ctx)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    return value, {**metrics, "loss": value}
+  return loss
+
+
+def make_train_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_shardings):
+  """step(state, frozen, batch) -> (state, metrics); jit it with donated state."""
+  loss = _loss_with_metrics(algorithm, ctx)
+  grad_fn = jax.grad(loss, has_aux=True)
+
+  def step(state: TrainState, frozen, batch):
+    rng, step_rng = jax.random.split(state.rng)
+    micro = split_microbatches(batch, grad_accum, mesh)
+    weights = jax.vmap(algorithm.weight_fn)(micro)
+
+    def micro_grads(mb, i):
+      grads, metrics = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_rng, i))
+      return jax.lax.with_sharding_constraint(grads, param_shardings), metrics
+
+    grads, metrics = _weighted_sum(micro_grads, micro, weights)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(
+        grad_norm=grad_norm,
+        learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+        tokens=num_tokens(batch),
+        finite=(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)).astype(jnp.float32))
+    return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+  return step
+
+
+def make_eval_step(algorithm, ctx, grad_accum: int, mesh):
+  """eval_step(params, frozen, batch) -> (metrics averaged by weight, total weight)."""
+  loss = _loss_with_metrics(algorithm, ctx)
+  rng = jax.random.PRNGKey(0)
+
+  def eval_step(params, frozen, batch):
+    micro = split_microbatches(batch, grad_accum, mesh)
+    weights = jax.vmap(algorithm.weight_fn)(micro)
+    metrics = _weighted_sum(lambda mb, i: loss(params, frozen, mb, rng)[1], micro, weights)
+    return metrics, jnp.sum(weights)
+
+  return eval_step
