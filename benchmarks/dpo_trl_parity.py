@@ -34,7 +34,6 @@ def jaxpost_metrics(algo, params, frozen, modules, model, batch, config):
   import jax
   from jaxpost.train import algorithms
   from jaxpost.train.algorithms import LossContext
-  import jaxpost.train.preference  # noqa: F401  registers dpo / rm
   loss_fn = algorithms.get(algo).loss_fn
   loss, metrics = jax.jit(lambda p, f, b: loss_fn(p, f, b, None, LossContext(
       model, config, True, modules)))(params, frozen, batch)

@@ -7,6 +7,8 @@ Keys (override any with --config.<key>=<value>; unknown keys fail):
   log_every, eval_every (0: only before/after), eval_steps (eval batches), eval_at_start
   logprob_chunk_size   sequence chunk of the chunked log-prob loss
   export_hf            "" or a directory (relative to workdir) to write an HF model at the end
+  report.*             task: built-in task whose held-out greedy accuracy is reported before
+                       and after training ("" disables); examples, max_new_tokens
   model.*              name_or_path, dtype (compute), param_dtype (master), scan_layers,
                        remat_policy, random_init (+ overrides: HF config fields)
   data.*               jaxpost.data.config.data_defaults(): train, eval, max_length, packing, ...
@@ -39,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_at_start = True
   c.logprob_chunk_size = 128
   c.export_hf = ""
+
+  c.report = ml_collections.ConfigDict({"task": "", "examples": 128, "max_new_tokens": 24})
 
   c.model = ml_collections.ConfigDict()
   c.model.name_or_path = "bundled:smollm2-135m-instruct"

@@ -18,14 +18,11 @@ Keys added to configs/base.py:
   desirable_weight, undesirable_weight   KTO's λ_D, λ_U
   ref.name_or_path   reference checkpoint; "" = the initial policy (unused by simpo / orpo)
   precompute_ref     score every training pair with the reference once, cached in the workdir
-  report.task        built-in task whose held-out greedy accuracy is reported before/after
-                     ("" disables); report.examples prompts, report.max_new_tokens each
 """
 
 import ml_collections
 
 from configs import base, sft
-import jaxpost.train.preference  # noqa: F401  registers "dpo", "kto" and "rm"
 
 VARIANTS = ("default", "kto", "tiny")
 
@@ -40,8 +37,6 @@ def preference_keys(c):
   c.undesirable_weight = 1.0
   c.ref = ml_collections.ConfigDict({"name_or_path": ""})
   c.precompute_ref = False
-  c.report = ml_collections.ConfigDict({"task": "arithmetic", "examples": 128,
-                                        "max_new_tokens": 24})
 
 
 def get_config(arg=None):
@@ -49,6 +44,7 @@ def get_config(arg=None):
   c.algorithm = "dpo"
   c.workdir = "runs/dpo"
   preference_keys(c)
+  c.report.task = "arithmetic"
   c.data.train = "builtin:arithmetic"
   c.data.eval = "builtin:arithmetic"
   c.data.max_length = 128
@@ -69,5 +65,4 @@ def get_config(arg=None):
     sft._tiny(c)
     c.workdir = "runs/dpo_tiny"
     c.export_hf = ""
-    c.report.examples, c.report.max_new_tokens = 8, 4
   return c

@@ -14,7 +14,6 @@ Keys added to configs/base.py:
 """
 
 from configs import base, sft
-import jaxpost.train.preference  # noqa: F401  registers "dpo", "kto" and "rm"
 
 VARIANTS = ("default", "tiny")
 

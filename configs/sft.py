@@ -18,6 +18,7 @@ def get_config(arg=None):
   c.algorithm = "sft"
   c.workdir = "runs/sft"
   c.neftune_alpha = 0.0  # NEFTune noise scale (Jain et al. 2023); 5 is the paper's usual value
+  c.report.task = "arithmetic"
   c.data.train = "builtin:arithmetic"
   c.data.eval = "builtin:arithmetic"
   c.data.max_length = 96
@@ -50,6 +51,7 @@ def _tiny(c):
   c.model.overrides.head_dim = 16
   c.max_steps = 20
   c.eval_steps = 2
+  c.report.examples, c.report.max_new_tokens = 8, 4
   c.optimizer.learning_rate = 1e-3
 
 
@@ -60,4 +62,5 @@ def _synthetic(c):
   c.model.overrides.vocab_size = 256
   c.data.train = "synthetic"
   c.data.eval = "synthetic"
+  c.report.task = ""
   c.data.max_length = 32

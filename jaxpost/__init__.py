@@ -2,11 +2,13 @@
 
 Public API:
     lm = jaxpost.load_model("bundled:smollm2-135m-instruct" | "/path/to/hf_dir" | "org/name")
+    out = jaxpost.generate(lm, ["Hi!"], max_new_tokens=64, temperature=0.0)
     jaxpost.save_model(lm, "out_dir")
+    metrics = jaxpost.train(config)
 """
 
+from jaxpost import generate, train  # callable modules: jaxpost.generate(...), jaxpost.train(...)
 from jaxpost.hf import LoadedModel, load_model, save_model
-from jaxpost.train.loop import train
 
-__all__ = ["LoadedModel", "load_model", "save_model", "train"]
+__all__ = ["LoadedModel", "generate", "load_model", "save_model", "train"]
 __version__ = "0.1.0"

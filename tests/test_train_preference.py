@@ -197,7 +197,7 @@ def test_reference_cache(lm, tmp_path):
 @pytest.mark.slow
 def test_task_report_runs_greedy_generation():
   from jaxpost.hf import LoadedModel, load_tokenizer, resolve_model_dir
-  from jaxpost.train.preference import task_report
+  from jaxpost.train.report import task_report
   tokenizer = load_tokenizer(resolve_model_dir("bundled:smollm2-135m-instruct"))
   cfg = CFG.replace(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
   model = LlamaForCausalLM(cfg)

@@ -18,8 +18,6 @@ for sliding-window models, `q - s < window`. The KV cache is an explicit pytree
 
 from __future__ import annotations
 
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -3,8 +3,11 @@
     metrics = jaxpost.train(config)      # config: configs/<recipe>.py get_config()
 """
 
+from jaxpost._callable_module import make_callable
 from jaxpost.train.algorithms import Algorithm, LossContext, SetupContext, get, register
 from jaxpost.train.loop import NonFiniteError, train
+
+make_callable(__name__, "train")  # jaxpost.train(config) runs the loop
 
 __all__ = ["Algorithm", "LossContext", "NonFiniteError", "SetupContext", "get", "register",
            "train"]

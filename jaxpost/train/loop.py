@@ -33,6 +33,7 @@ from jaxpost.train.checkpoint import Checkpointer
 from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, train_flops
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
+from jaxpost.train.report import format_report, task_report
 from jaxpost.train.step import make_eval_step, make_train_step
 
 log = logging.getLogger("jaxpost.train")
@@ -161,8 +162,8 @@ class Trainer:
     previous_handler = self._install_sigterm()
     evals = {}
     try:
-      if self.eval_loader is not None and cfg.eval_at_start and step == 0:
-        evals["before"] = self._evaluate(step)
+      if cfg.eval_at_start and step == 0:
+        evals["before"] = self._evaluate_all(step)
       self.window_start = time.perf_counter()
       batches = self._batches()
       while step < cfg.max_steps and not self.stop_requested:
@@ -180,8 +181,8 @@ class Trainer:
       self._flush(step)
       self._save(step)
       if not self.stop_requested:
-        if self.eval_loader is not None and not (cfg.eval_every and step % cfg.eval_every == 0):
-          evals["after"] = self._evaluate(step)
+        evaluated = cfg.eval_every and step % cfg.eval_every == 0
+        evals["after"] = self._evaluate_all(step, loss=not evaluated)
         if cfg.export_hf:
           self._export(Path(cfg.workdir) / cfg.export_hf)
     finally:
@@ -265,6 +266,14 @@ class Trainer:
     self.window_start = time.perf_counter()
     return record
 
+  def _evaluate_all(self, step: int, loss: bool = True) -> dict:
+    """Eval loss/metrics (when there is eval data) and the held-out task report."""
+    record = self._evaluate(step) if loss and self.eval_loader is not None else {}
+    task = task_report(self.policy, self.state.params, self.config)
+    if task:
+      self.writer.write(step, task)
+    return {**record, **task}
+
   def _save(self, step: int):
     """Saves unless checkpointing is off (checkpoint.every < 0); always after a flush."""
     if self.config.checkpoint.every >= 0 and step > 0:
@@ -289,8 +298,8 @@ class Trainer:
     out.update(evals.get("after", {}))
     if "before" in evals:
       out.update({f"{k}_before": v for k, v in evals["before"].items()})
-      if jax.process_index() == 0 and "eval/loss" in out:
-        print(f"eval loss: {evals['before']['eval/loss']:.4f} (step 0) -> "
-              f"{out['eval/loss']:.4f} (step {step})")
+      table = format_report(evals["before"], out, step)
+      if jax.process_index() == 0 and table:
+        print(f"Before/after training (held-out split):\n{table}")
     out["preempted"] = self.stop_requested
     return out

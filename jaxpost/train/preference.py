@@ -19,11 +19,8 @@ into the per-sequence inputs of those losses:
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxpost.losses.dpo import PreferenceLossConfig, kto_loss, preference_loss
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
@@ -189,28 +186,6 @@ def add_cached_reference(state, frozen, batch, ctx):
   del state, frozen
   cache = ctx.modules.get("ref_cache")
   yield batch if cache is None else cache.add_to(batch)
-
-
-def task_report(policy, params, config) -> dict:
-  """Held-out task accuracy of greedy generations, for before/after reports.
-
-  Generates for the first `config.report.examples` "eval" prompts of built-in task
-  `config.report.task` ("" disables) and scores them with its verifier: `task/accuracy` (final
-  number right) and `task/concise` (the answer is just the number). `policy` is a LoadedModel
-  (its module and tokenizer), `params` the weights to evaluate.
-  """
-  from jaxpost.data.tasks import reward_fn, task_rows
-  from jaxpost.generate import generate
-  report = config.get("report", None)
-  if report is None or not report.task:
-    return {}
-  rows = task_rows(report.task, "eval", "prompt")[:report.examples]
-  prompts = [r["prompt"] for r in rows]
-  out = generate(dataclasses.replace(policy, params=params), prompts,
-                 max_new_tokens=report.max_new_tokens)
-  correct = reward_fn(report.task)(prompts, out.texts, rows)
-  concise = reward_fn(report.task, format_weight=1.0)(prompts, out.texts, rows) - correct
-  return {"task/accuracy": float(np.mean(correct)), "task/concise": float(np.mean(concise))}
 
 
 DPO = register(Algorithm(name="dpo", loss_fn=dpo_loss_fn, loader_kind="preference",

@@ -1,0 +1,44 @@
+"""Before/after reports: held-out task accuracy from greedy generation, and the printed table.
+
+When `config.report.task` names a built-in task (jaxpost/data/tasks), the loop generates greedy
+answers for the first `report.examples` held-out ("eval") prompts before training and after it,
+and scores them with the task's verifier:
+
+    task/accuracy = mean 1[final number is right]      task/concise = mean 1[answer is just it]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+HEADLINE = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/accuracy",
+            "task/accuracy", "task/concise")
+
+
+def task_report(policy, params, config) -> dict:
+  """Greedy held-out accuracy of `params` (a LoadedModel's module/tokenizer) on report.task."""
+  from jaxpost.data.tasks import reward_fn, task_rows
+  from jaxpost.generate import generate
+  report = config.get("report", None)
+  if report is None or not report.task or policy.head != "lm":
+    return {}
+  rows = task_rows(report.task, "eval", "prompt")[:report.examples]
+  prompts = [r["prompt"] for r in rows]
+  out = generate(dataclasses.replace(policy, params=params), prompts,
+                 max_new_tokens=report.max_new_tokens)
+  correct = reward_fn(report.task)(prompts, out.texts, rows)
+  concise = reward_fn(report.task, format_weight=1.0)(prompts, out.texts, rows) - correct
+  return {"task/accuracy": float(np.mean(correct)), "task/concise": float(np.mean(concise))}
+
+
+def format_report(before: dict, after: dict, step: int) -> str:
+  """A small table of the headline metrics present both before (step 0) and after."""
+  keys = [k for k in HEADLINE if k in before and k in after]
+  if not keys:
+    return ""
+  width = max(len(k) for k in keys)
+  lines = [f"{'metric':<{width}}  {'step 0':>9}  {'step ' + str(step):>9}"]
+  lines += [f"{k:<{width}}  {before[k]:>9.4f}  {after[k]:>9.4f}" for k in keys]
+  return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Terminal chat with a model's chat template; replies stream token by token.
+
+    python scripts/chat.py [--model=bundled:smollm2-135m-instruct] [--system "You are terse."]
+        [--temperature=0.7 --top_p=0.9 --max_new_tokens=256]
+
+Commands: /reset clears the history, /quit (or Ctrl-D) exits. The whole history is re-rendered
+with the chat template and prefilled every turn.
+"""
+
+import argparse
+import sys
+
+import jaxpost
+from jaxpost.generate import stream
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--model", default="bundled:smollm2-135m-instruct")
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--system", default=None, help="system prompt")
+  p.add_argument("--max_new_tokens", type=int, default=256)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--min_p", type=float, default=0.0)
+  p.add_argument("--seed", type=int, default=0)
+  return p.parse_args(argv)
+
+
+def reply(lm, history, args, turn, out=sys.stdout) -> str:
+  """Streams the assistant's reply to `out` as tokens arrive; returns its text."""
+  tok = lm.tokenizer
+  ids, shown = [], ""
+  for token in stream(lm, history, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      min_p=args.min_p, seed=args.seed + turn):
+    ids.append(token)
+    text = tok.decode(ids, skip_special_tokens=True)
+    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      out.write(text[len(shown):])
+      out.flush()
+      shown = text
+  out.write("\n")
+  return shown
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  lm = jaxpost.load_model(args.model, dtype=args.dtype)
+  if lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None):
+    raise SystemExit(f"{args.model}: chat needs a tokenizer with a chat template")
+  system = [{"role": "system", "content": args.system}] if args.system else []
+  history = list(system)
+  print("Chat ready. /reset clears the history, /quit exits.", file=sys.stderr)
+  turn = 0
+  while True:
+    try:
+      user = input("you> ").strip()
+    except (EOFError, KeyboardInterrupt):
+      print(file=sys.stderr)
+      return
+    if user == "/quit":
+      return
+    if user == "/reset":
+      history = list(system)
+      continue
+    if not user:
+      continue
+    history.append({"role": "user", "content": user})
+    sys.stdout.write("assistant> ")
+    try:
+      text = reply(lm, history, args, turn)
+    except ValueError as e:  # e.g. the history outgrew the model's context
+      print(f"\n[error] {e}  (use /reset)", file=sys.stderr)
+      history.pop()
+      continue
+    history.append({"role": "assistant", "content": text.strip()})
+    turn += 1
+
+
+if __name__ == "__main__":
+  main()
