@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip -q --disable-pip-version-check
 
-.PHONY: setup setup-test train demo test bench clean
+.PHONY: setup setup-test train test clean
 
 $(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,11 +25,8 @@ $(VENV)/.test: $(VENV)/.base
 setup: $(VENV)/.base
 setup-test: $(VENV)/.test
 
-demo: setup
-	$(PY) scripts/demo.py
-
 train: setup
-	$(PY) scripts/demo.py
+	$(PY) scripts/train.py --config=configs/dpo.py
 
 test: setup-test
 	$(PY) -m pytest -q tests

@@ -33,8 +33,11 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax's per-save INFO lines
   logging.getLogger("jaxpost").setLevel(logging.INFO)
   import jaxpost
-  metrics = jaxpost.train(flags.FLAGS.config)
-  print({k: v for k, v in metrics.items() if not k.startswith("eval/") or "loss" in k})
+  config = flags.FLAGS.config
+  metrics = jaxpost.train(config)
+  print(f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}; run files "
+        f"(metrics.jsonl, TensorBoard events, checkpoints"
+        f"{', HF export' if config.export_hf else ''}) in {config.workdir}")
 
 
 if __name__ == "__main__":
