@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import CPU_PEAK_FLOPS, peak_rss_gb, timed, versions, write_result  # noqa: E402
+from common import (CPU_PEAK_FLOPS, measured_matmul_flops, peak_rss_gb, timed, versions,
+                    write_result)  # noqa: E402
 
 import jaxpost  # noqa: E402
 from jaxpost.models.config import forward_flops_per_token  # noqa: E402
@@ -57,7 +58,10 @@ def main():
   write_result(
       "forward", f"Forward, SmolLM2-135M fp32, B={b} x T={t}",
       f"python benchmarks/forward.py --batch {b} --length {t}", table,
-      f"Speed-up {torch_s / jax_s:.2f}x. {versions('jax', 'flax', 'torch', 'transformers')}. "
+      f"Speed-up {torch_s / jax_s:.2f}x. MFU is against the DESIGN yardstick of "
+      f"{CPU_PEAK_FLOPS / 1e9:.0f} GFLOP/s; a 2048^2 fp32 matmul measured "
+      f"{measured_matmul_flops() / 1e9:.0f} GFLOP/s on this machine in this run. "
+      f"{versions('jax', 'flax', 'torch', 'transformers')}. "
       f"Peak RSS is cumulative per process (the torch row includes the jaxpost model).")
 
 

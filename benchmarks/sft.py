@@ -47,7 +47,7 @@ def jaxpost_config(args, workdir):
       "log_every": 1, "eval_at_start": False, "data.eval": None, "data.max_length": args.length,
       "data.buckets": (args.length,), "checkpoint.every": -1, "metrics.tensorboard": False,
       "metrics.progress_bar": False, "optimizer.learning_rate": LEARNING_RATE,
-      "optimizer.warmup_steps": 0})
+      "optimizer.warmup_steps": 0, "report.task": ""})
   return c
 
 
