@@ -42,6 +42,20 @@ def measured_matmul_flops(n: int = 2048) -> float:
   return 2 * n**3 / seconds
 
 
+def step_timer(times: list):
+  """A transformers TrainerCallback appending each optimiser step's seconds to `times`."""
+  import transformers
+
+  class StepTimer(transformers.TrainerCallback):
+    def on_step_begin(self, *_, **__):
+      self.start = time.perf_counter()
+
+    def on_step_end(self, *_, **__):
+      times.append(time.perf_counter() - self.start)
+
+  return StepTimer()
+
+
 def peak_rss_gb() -> float:
   """Peak resident memory of this process so far (GB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

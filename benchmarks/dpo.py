@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import CPU_PEAK_FLOPS, peak_rss_gb, versions, write_result  # noqa: E402
+from common import CPU_PEAK_FLOPS, peak_rss_gb, step_timer, versions, write_result  # noqa: E402
 
 MODEL = "bundled:smollm2-135m-instruct"
 LEARNING_RATE = 5e-6
@@ -131,12 +130,6 @@ def run_trl(args, batches):
   model_dir = str(resolve_model_dir(MODEL))
   times = []
 
-  class Timer(transformers.TrainerCallback):
-    def on_step_begin(self, *_, **__):
-      self.start = time.perf_counter()
-
-    def on_step_end(self, *_, **__):
-      times.append(time.perf_counter() - self.start)
 
   class PreTokenized(DPOTrainer):
     """Takes rows already split into prompt_ids / chosen_ids / rejected_ids as they are."""
@@ -154,7 +147,7 @@ def run_trl(args, batches):
         train_sampling_strategy="sequential", seed=0)
     trainer = PreTokenized(
         model=transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        args=config, callbacks=[Timer()], train_dataset=datasets.Dataset.from_list(
+        args=config, callbacks=[step_timer(times)], train_dataset=datasets.Dataset.from_list(
             trl_rows(batches)),
         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
     trainer.train()

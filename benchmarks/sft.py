@@ -30,11 +30,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import step_timer  # noqa: E402
 MODEL = "bundled:smollm2-135m-instruct"
 LEARNING_RATE = 5e-5
 
@@ -88,12 +89,6 @@ def run_trl(args, rows):
   model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
   times = []
 
-  class Timer(transformers.TrainerCallback):
-    def on_step_begin(self, *_, **__):
-      self.start = time.perf_counter()
-
-    def on_step_end(self, *_, **__):
-      times.append(time.perf_counter() - self.start)
 
   with tempfile.TemporaryDirectory() as out:
     config = SFTConfig(
@@ -103,7 +98,7 @@ def run_trl(args, rows):
         report_to="none", use_cpu=True, bf16=False, max_length=args.length,
         pad_to_multiple_of=args.length, completion_only_loss=True, dataloader_drop_last=True,
         seed=0)
-    trainer = SFTTrainer(model=model, args=config, callbacks=[Timer()],
+    trainer = SFTTrainer(model=model, args=config, callbacks=[step_timer(times)],
                          train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
     trainer.train()
