@@ -149,15 +149,6 @@ class LlamaConfig:
           original_max_position_embeddings=self.rope_original_max_position_embeddings)
     return scaling
 
-  @property
-  def num_params(self) -> int:
-    """Parameter count (embeddings included once when tied)."""
-    d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
-                       self.num_key_value_heads, self.head_dim)
-    attn = d * hd * (2 * h + 2 * kv)
-    layer = attn + 3 * d * f + 2 * d
-    embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-    return self.num_hidden_layers * layer + embed + d
 
 
 def forward_flops_per_token(cfg: LlamaConfig, seq_len: int) -> float:

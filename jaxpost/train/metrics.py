@@ -20,6 +20,8 @@ from pathlib import Path
 
 import jax
 
+from jaxpost.models.config import forward_flops_per_token
+
 # Dense bf16 peak FLOP/s per device, matched as a substring of `device.device_kind` (lower case).
 PEAK_FLOPS = (
     ("v6 lite", 918e12), ("v6e", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
@@ -42,20 +44,13 @@ def peak_flops_per_device(cpu_peak_flops: float) -> float:
   return float("nan")
 
 
-def matmul_params(cfg) -> int:
-  """Parameters that take part in matmuls (the output projection once, no embedding lookup)."""
-  return cfg.num_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-
-
 def train_flops(cfg, batch: dict) -> float:
   """Model FLOPs of one training step on `batch` (every `*input_ids` field is a forward)."""
   total = 0.0
   for key, ids in batch.items():
     if key.endswith("input_ids"):
       rows, length = ids.shape
-      per_token = 6 * matmul_params(cfg) + 12 * cfg.num_hidden_layers * \
-          cfg.num_attention_heads * cfg.head_dim * length
-      total += per_token * rows * length
+      total += 3 * forward_flops_per_token(cfg, length) * rows * length  # forward + backward
   return total
 
 
