@@ -15,6 +15,10 @@ Keys (override any with --config.<key>=<value>; unknown keys fail):
                        (also "synthetic[:rows=N,min_length=M]" for random-token SFT batches)
   optimizer.*          name (adamw|adafactor|sgd), learning_rate, schedule, warmup_*, ...
   checkpoint.*         every (0: only the final one, <0: none), keep, async_save
+  lora.*               rank (0: full finetuning), alpha, dropout, targets (regex over module paths,
+                       default every attention + MLP projection), trainable (regex of modules
+                       trained in full besides the adapters; "score" for reward models), export
+                       ("merged": plain HF weights, "peft": adapter_config.json + adapter weights)
   mesh.*               data, fsdp, tensor (-1 = the rest of the devices), rules
   metrics.*            tensorboard, wandb, wandb_project, progress_bar, cpu_peak_flops
   distributed.*        initialize, coordinator_address, num_processes, process_id,
@@ -24,6 +28,7 @@ Keys (override any with --config.<key>=<value>; unknown keys fail):
 import ml_collections
 
 from jaxpost.data.config import data_defaults
+from jaxpost.models.lora import DEFAULT_TARGETS
 from jaxpost.train.sharding import DEFAULT_RULES
 
 
@@ -69,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0
   c.optimizer.warmup_ratio = 0.0
   c.optimizer.min_lr_ratio = 0.0
+
+  c.lora = ml_collections.ConfigDict({
+      "rank": 0, "alpha": 16.0, "dropout": 0.0, "targets": DEFAULT_TARGETS, "trainable": "score",
+      "export": "merged"})
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500

@@ -3,6 +3,7 @@
     python scripts/train.py --config=configs/dpo.py                 # bundled SmolLM2, arithmetic
     python scripts/train.py --config=configs/dpo.py --config.loss_type=ipo --config.beta=0.5
     python scripts/train.py --config=configs/dpo.py:kto             # unpaired rows, KTO
+    python scripts/train.py --config=configs/dpo.py:lora            # LoRA; reference = adapters off
     python scripts/train.py --config=configs/dpo.py:tiny            # tiny random model (CI)
 
 The default trains the bundled SmolLM2-135M-Instruct on the built-in arithmetic preference task
@@ -24,7 +25,7 @@ import ml_collections
 
 from configs import base, sft
 
-VARIANTS = ("default", "kto", "tiny")
+VARIANTS = ("default", "kto", "lora", "tiny")
 
 
 def preference_keys(c):
@@ -61,6 +62,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/dpo.py: unknown variant {variant!r}; choose one of {VARIANTS}")
   if variant == "kto":
     c.algorithm, c.loss_type, c.workdir = "kto", "kto", "runs/kto"
+  if variant == "lora":
+    sft.lora(c, learning_rate=5e-5)
   if variant == "tiny":
     sft._tiny(c)
     c.workdir = "runs/dpo_tiny"

@@ -1,6 +1,7 @@
 """Supervised finetuning (algorithm "sft", loss in jaxpost/losses/sft.py).
 
     python scripts/train.py --config=configs/sft.py            # bundled SmolLM2, arithmetic task
+    python scripts/train.py --config=configs/sft.py:lora       # LoRA r=16 on every projection
     python scripts/train.py --config=configs/sft.py:tiny       # tiny random model (CI)
     python scripts/train.py --config=configs/sft.py:synthetic  # tiny model, random tokens (tests)
 
@@ -10,7 +11,7 @@ minutes on 2 CPU cores and prints the eval loss before and after.
 
 from configs import base
 
-VARIANTS = ("default", "tiny", "synthetic")
+VARIANTS = ("default", "lora", "tiny", "synthetic")
 
 
 def get_config(arg=None):
@@ -30,6 +31,8 @@ def get_config(arg=None):
   c.optimizer.learning_rate = 5e-5
   c.optimizer.warmup_steps = 4
   variant = arg or "default"
+  if variant == "lora":
+    lora(c, learning_rate=2e-4)
   if variant in ("tiny", "synthetic"):
     _tiny(c)
   if variant == "synthetic":
@@ -37,6 +40,15 @@ def get_config(arg=None):
   elif variant not in VARIANTS:
     raise ValueError(f"configs/sft.py: unknown variant {variant!r}; choose one of {VARIANTS}")
   return c
+
+
+def lora(c, learning_rate: float, rank: int = 16):
+  """LoRA (models/lora.py) on every attention and MLP projection: the base stays frozen, only
+  the adapters (~3% of SmolLM2's weights at r=16) are trained, at a higher learning rate."""
+  c.workdir += "_lora"
+  c.lora.rank = rank
+  c.lora.alpha = 2.0 * rank
+  c.optimizer.learning_rate = learning_rate
 
 
 def _tiny(c):

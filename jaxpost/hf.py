@@ -26,6 +26,7 @@ import numpy as np
 from flax import traverse_util
 from flax.core import meta
 
+from jaxpost.models import lora
 from jaxpost.models.config import LlamaConfig
 from jaxpost.models.heads import LlamaForScore
 from jaxpost.models.llama import LlamaForCausalLM
@@ -217,13 +218,17 @@ def save_model(lm: LoadedModel, out_dir: str, dtype: Optional[str] = None,
   """Writes an HF directory that `transformers.AutoModelFor*.from_pretrained` loads.
 
   A causal LM saves as `<Family>ForCausalLM`; a score-head model as
-  `<Family>ForSequenceClassification` with num_labels=1 and a `score.weight`.
+  `<Family>ForSequenceClassification` with num_labels=1 and a `score.weight`. LoRA adapters in
+  the tree are merged into their kernels first (W + alpha/r A B; models/lora.py).
   """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   save_dtype = np.dtype(dtype or lm.config.param_dtype)
-  tensors = {name: np.ascontiguousarray(value.astype(save_dtype))
-             for name, value in params_to_hf(lm.params, lm.config)}
+  params = lm.params
+  if lora.has_adapters(params):
+    params = lora.merge(params, lm.config.lora_alpha)
+  tensors = {name: np.ascontiguousarray(np.asarray(value).astype(save_dtype))
+             for name, value in params_to_hf(params, lm.config)}
   _write_safetensors(tensors, out, max_shard_bytes)
   hf = lm.config.to_hf()
   family = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}

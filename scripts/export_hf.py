@@ -1,21 +1,25 @@
-"""Write a training run's checkpoint as an HF model directory.
+"""Write a training run's checkpoint as an HF model directory (or, for a LoRA run, optionally a
+PEFT adapter directory).
 
-    python scripts/export_hf.py --workdir=runs/sft --out=exported/sft [--step=N]
+    python scripts/export_hf.py --workdir=runs/sft --out=exported/sft [--step=N] [--format=peft]
 """
 
 from absl import app, flags
 
 flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
-flags.DEFINE_string("out", None, "Output HF directory.")
+flags.DEFINE_string("out", None, "Output directory.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_enum("format", None, ["merged", "peft"],
+                  "merged: HF weights (LoRA folded in); peft: adapter_config.json + adapter "
+                  "weights (LoRA runs only). Default: the run's config.lora.export.")
 
 
 def main(argv):
   del argv
-  from jaxpost.hf import save_model
-  from jaxpost.train.export import load_trained
-  lm = load_trained(flags.FLAGS.workdir, flags.FLAGS.step)
-  out = save_model(lm, flags.FLAGS.out)
+  from jaxpost.train.export import load_trained, run_lora, save_trained
+  f = flags.FLAGS
+  lm = load_trained(f.workdir, f.step)
+  out = save_trained(lm, run_lora(f.workdir), f.out, f.format)
   print(f"Exported {lm.source} to {out}")
 
 

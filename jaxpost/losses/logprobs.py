@@ -82,15 +82,17 @@ def sequence_logprobs(token_lp, loss_mask, average: bool = False):
 
 def model_token_stats(model, params, batch: dict, prefix: str = "",
                       chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      embed_hook: Optional[Callable] = None) -> dict:
+                      embed_hook: Optional[Callable] = None, dropout_rng=None) -> dict:
   """`token_stats` of a causal LM on the batch fields `{prefix}input_ids`, `..attention_mask`,
   `..positions`, `..segment_ids`. `embed_hook(embeddings) -> embeddings` rewrites the token
-  embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag."""
+  embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag.
+  `dropout_rng` (training only) drives LoRA adapter dropout."""
   ids = batch[prefix + "input_ids"]
   args = (ids, batch[prefix + "attention_mask"], batch.get(prefix + "positions"),
           batch.get(prefix + "segment_ids"))
   with _intercept_embeddings(embed_hook):
-    hidden = model.apply({"params": params}, *args, method="hidden_states")
+    rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
+    hidden = model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
   return token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size)
 
 

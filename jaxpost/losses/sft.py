@@ -61,9 +61,11 @@ def sft_loss(params, frozen, batch, rng, ctx):
   """(mean NLL over this microbatch's trainable tokens, metrics). See the module docstring."""
   del frozen
   alpha = float(ctx.config.get("neftune_alpha", 0.0))
-  hook = neftune_hook(rng, alpha) if ctx.training and alpha > 0 else None
+  training = ctx.training and rng is not None
+  noise_rng, dropout_rng = jax.random.split(rng) if training else (None, None)
+  hook = neftune_hook(noise_rng, alpha) if training and alpha > 0 else None
   stats = model_token_stats(ctx.model, params, batch, chunk_size=ctx.config.logprob_chunk_size,
-                            embed_hook=hook)
+                            embed_hook=hook, dropout_rng=dropout_rng)
   mask = target_mask(batch)
   loss = -masked_mean(stats["logprobs"], mask)
   metrics = {

@@ -2,8 +2,8 @@
 
 One dataclass covers Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Qwen3 and SmolLM/SmolLM2: they differ
 only in flags (q/k/v bias, q/k RMSNorm, tied embeddings, RoPE scaling, sliding window).
-Architecture fields mirror HF names; `dtype`, `param_dtype`, `scan_layers` and `remat_policy`
-are runtime choices that never change the weights.
+Architecture fields mirror HF names; `dtype`, `param_dtype`, `scan_layers`, `remat_policy` and
+the LoRA scale/dropout are runtime choices that never change the weights.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat_policy: str = "none"
+  lora_alpha: float = 16.0  # LoRA scale alpha / r and adapter-input dropout, used only when
+  lora_dropout: float = 0.0  # the parameter tree holds adapters (models/lora.py)
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:

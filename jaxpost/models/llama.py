@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.models.config import LlamaConfig
+from jaxpost.models.lora import Linear
 
 _MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -35,10 +36,9 @@ REMAT_POLICIES = {
 
 
 def _dense(features, axes, use_bias, cfg: LlamaConfig, name):
-  return nn.Dense(
-      features, use_bias=use_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]))
+  """A projection; it carries a LoRA adapter when the parameter tree has one (models/lora.py)."""
+  return Linear(features, axes, use_bias, cfg.dtype, cfg.param_dtype, cfg.lora_alpha,
+                cfg.lora_dropout, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -178,7 +178,7 @@ class LlamaModel(nn.Module):
     layer = _layer_class(cfg)
     if cfg.scan_layers:
       self.layers = nn.scan(
-          layer, variable_axes={"params": 0}, split_rngs={"params": True},
+          layer, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast), length=cfg.num_hidden_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
     else:

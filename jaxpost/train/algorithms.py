@@ -19,13 +19,16 @@ Contract, in the order the loop uses it:
   that are inputs to the step but never optimised (no optimiser state, no gradient); `modules`
   maps the same names to the Flax modules that apply them. `ctx.policy` is the loaded policy
   (its params are DONATED to the train state: copy them, e.g. `jax.tree.map(jnp.copy, ...)`,
-  to reuse them as a reference); `ctx.load(name_or_path, head)` loads another model already
+  to reuse them as a reference — except with `ctx.lora`, where they are the frozen base and
+  are used as they are); `ctx.load(name_or_path, head)` loads another model already
   sharded on the training mesh. Frozen trees are checkpointed only through their config.
 * `loss_fn(params, frozen, batch, rng, ctx: LossContext) -> (loss, metrics)` is traced inside the
   jitted step. `batch` is ONE microbatch (see DESIGN "Batches"); `loss` a scalar mean over it;
   `metrics` a flat dict of scalars (TRL names). `ctx.model` applies `params`; `ctx.modules[k]`
   applies `frozen[k]`; `ctx.config` is the run config; `ctx.training` is False in eval (no noise).
   `rng` is a fresh key per step and microbatch. The step differentiates w.r.t. `params` only.
+  With LoRA the step hands the loss the applied tree (frozen base + adapters) as `params`, so
+  losses never see the difference.
 * `weight_fn(microbatch) -> scalar`: the step returns sum_i w_i loss_i / sum_i w_i over the
   microbatches (and weights metrics the same way), so gradient accumulation is exact when
   `loss_i` is a mean over `w_i` units (tokens for SFT, pairs for DPO). Default: number of rows.
@@ -53,6 +56,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import jax.numpy as jnp
 
 from jaxpost.losses import sft
+from jaxpost.models import lora
 
 LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
 # Modules registering the other built-in algorithms ("dpo", "kto", "rm"), imported on demand.
@@ -70,10 +74,24 @@ class LossContext:
 
 @dataclasses.dataclass(frozen=True)
 class SetupContext:
-  """What `prepare_frozen` receives: the run config, the loaded policy and a sharded loader."""
+  """What `prepare_frozen` receives: the run config, the loaded policy and a sharded loader.
+  With `lora`, `policy.params` are the frozen base weights (not donated; the adapters train)."""
   config: Any
   policy: Any
   load: Callable[..., Any]
+  lora: bool = False
+
+
+# frozen[LORA_BASE] holds the frozen base weights of a LoRA run; the trainable `params` are the
+# adapters (+ any module trained in full) and the model applies their union (`applied_params`).
+LORA_BASE = "lora_base"
+
+
+def applied_params(params, frozen):
+  """The tree the policy model applies: `params`, or with LoRA base + adapters."""
+  if LORA_BASE not in frozen:
+    return params
+  return lora.combine(frozen[LORA_BASE], params)
 
 
 def examples(batch) -> Any:

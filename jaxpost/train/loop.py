@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxpost.models import lora
+from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.checkpoint import Checkpointer
@@ -90,11 +92,15 @@ class Trainer:
   def __init__(self, config, algorithm, mesh, rules, train_loader=None, eval_loader=None):
     self.config, self.algorithm, self.mesh = config, algorithm, mesh
     load = functools.partial(load_sharded, config.model, mesh, rules)
-    self.policy = load(head=algorithm.head, seed=config.seed)
-    self.frozen, modules = algorithm.prepare_frozen(
-        algorithms.SetupContext(config, self.policy, load))
+    self.lora = LoraSpec.from_config(config)
+    self.policy = load(head=algorithm.head, seed=config.seed, lora=self.lora)
+    trainable, base = self._split_trainable()
+    self.frozen, modules = algorithm.prepare_frozen(algorithms.SetupContext(
+        config, dataclasses.replace(self.policy, params=base), load, self.lora is not None))
+    if self.lora is not None:
+      self.frozen[algorithms.LORA_BASE] = base
     tx, schedule = build_optimizer(config.optimizer, config.max_steps)
-    self.state, state_sh = create_train_state(self.policy.params, tx, config.seed, mesh)
+    self.state, state_sh = create_train_state(trainable, tx, config.seed, mesh)
     self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
     self.ctx = algorithms.LossContext(self.policy.model, config, True, modules)
     self._jit_steps(tx, schedule, state_sh)
@@ -107,6 +113,15 @@ class Trainer:
     self.num_tokens, self.compile_time = 0.0, None
 
   # ------------------------------------------------------------------------------- setup
+
+  def _split_trainable(self):
+    """(trainable params, frozen base or None): everything, or with LoRA the adapters."""
+    if self.lora is None:
+      return self.policy.params, self.policy.params
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), 2)
+    trainable, base = lora.split_trainable(self.policy.params, self.lora, rng)
+    log.info(lora.describe(base, trainable))
+    return trainable, base
 
   def _jit_steps(self, tx, schedule, state_sh):
     """The train step (state donated) and eval step, with explicit in/out shardings."""
@@ -168,7 +183,7 @@ class Trainer:
       batches = self._batches()
       while step < cfg.max_steps and not self.stop_requested:
         batch = next(batches)
-        flops = train_flops(self.policy.config, batch)
+        flops = train_flops(self.policy.config, batch, weight_grads=self.lora is None)
         self.state, metrics = self.train_step(self.state, self.frozen, self._global(batch))
         step += 1
         first = step == self.start_step + 1
@@ -269,7 +284,8 @@ class Trainer:
   def _evaluate_all(self, step: int, loss: bool = True) -> dict:
     """Eval loss/metrics (when there is eval data) and the held-out task report."""
     record = self._evaluate(step) if loss and self.eval_loader is not None else {}
-    task = task_report(self.policy, self.state.params, self.config)
+    params = algorithms.applied_params(self.state.params, self.frozen)
+    task = task_report(self.policy, params, self.config)
     if task:
       self.writer.write(step, task)
     return {**record, **task}
@@ -290,8 +306,8 @@ class Trainer:
     return signal.signal(signal.SIGTERM, handler)
 
   def _export(self, out_dir: Path):
-    from jaxpost.train.export import export_params
-    export_params(self.policy, self.state.params, self.mesh, out_dir)
+    from jaxpost.train.export import export_trained
+    export_trained(self.policy, self.state.params, self.frozen, self.mesh, out_dir, self.lora)
 
   def _summary(self, step: int, evals: dict) -> dict:
     out = {"step": step, **self.last, **self.last_eval}

@@ -44,13 +44,16 @@ def peak_flops_per_device(cpu_peak_flops: float) -> float:
   return float("nan")
 
 
-def train_flops(cfg, batch: dict) -> float:
-  """Model FLOPs of one training step on `batch` (every `*input_ids` field is a forward)."""
+def train_flops(cfg, batch: dict, weight_grads: bool = True) -> float:
+  """Model FLOPs of one training step on `batch` (every `*input_ids` field is a forward):
+  forward F, backward 2F (activation + weight gradients), or F when the weights are frozen
+  (LoRA: the adapters' own FLOPs are < 1% and not counted)."""
+  factor = 3 if weight_grads else 2
   total = 0.0
   for key, ids in batch.items():
     if key.endswith("input_ids"):
       rows, length = ids.shape
-      total += 3 * forward_flops_per_token(cfg, length) * rows * length  # forward + backward
+      total += factor * forward_flops_per_token(cfg, length) * rows * length
   return total
 
 

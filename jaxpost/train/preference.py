@@ -37,9 +37,10 @@ def concat_pairs(batch: dict) -> dict:
           for f in FIELDS if "chosen_" + f in batch}
 
 
-def sequence_stats(model, params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+def sequence_stats(model, params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                   dropout_rng=None) -> dict:
   """Per-row `logps` (sum over loss_mask), `lengths` and `logits_sum` of a causal LM, fp32 [B]."""
-  stats = model_token_stats(model, params, batch, chunk_size=chunk_size)
+  stats = model_token_stats(model, params, batch, chunk_size=chunk_size, dropout_rng=dropout_rng)
   mask = batch["loss_mask"].astype(jnp.float32)
   return {"logps": jnp.sum(stats["logprobs"] * mask, axis=-1),
           "lengths": jnp.sum(mask, axis=-1),
@@ -48,6 +49,11 @@ def sequence_stats(model, params, batch: dict, chunk_size: int = DEFAULT_CHUNK_S
 
 def _chunk(config) -> int:
   return int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE))
+
+
+def _dropout_rng(rng, ctx):
+  """The policy forward's dropout key (LoRA dropout) in training; None in eval."""
+  return rng if ctx.training else None
 
 
 def reference_logps(module, ref_params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
@@ -67,11 +73,11 @@ def _batch_reference(batch, frozen, ctx):
 
 def dpo_loss_fn(params, frozen, batch, rng, ctx):
   """Loop loss for `config.algorithm="dpo"` (pairwise loss types); see the module docstring."""
-  del rng
   cfg = PreferenceLossConfig.from_config(ctx.config)
   if not cfg.paired:
     raise ValueError("config.loss_type='kto' trains on unpaired rows: set config.algorithm='kto'")
-  stats = sequence_stats(ctx.model, params, concat_pairs(batch), _chunk(ctx.config))
+  stats = sequence_stats(ctx.model, params, concat_pairs(batch), _chunk(ctx.config),
+                         _dropout_rng(rng, ctx))
   (pc, pr), (nc, nr), (sc, sr) = (jnp.split(stats[k], 2) for k in ("logps", "lengths",
                                                                      "logits_sum"))
   rc, rr = _batch_reference(batch, frozen, ctx)
@@ -105,11 +111,10 @@ def mismatched_pairs(batch: dict) -> dict:
 
 def kto_loss_fn(params, frozen, batch, rng, ctx):
   """Loop loss for `config.algorithm="kto"`: unpaired rows with a 0/1 `label`."""
-  del rng
   cfg = PreferenceLossConfig.from_config(ctx.config)  # kto_loss checks loss_type == "kto"
   chunk = _chunk(ctx.config)
   rows = {f: batch[f] for f in FIELDS if f in batch}
-  stats = sequence_stats(ctx.model, params, rows, chunk)
+  stats = sequence_stats(ctx.model, params, rows, chunk, _dropout_rng(rng, ctx))
   ref = ref_kl = policy_kl = None
   if "ref" in frozen:
     kl_rows = mismatched_pairs(batch)
@@ -123,18 +128,19 @@ def kto_loss_fn(params, frozen, batch, rng, ctx):
                   jax.lax.stop_gradient(stats["logits_sum"]))
 
 
-def pair_scores(module, params, batch: dict):
+def pair_scores(module, params, batch: dict, dropout_rng=None):
   """(chosen, rejected) scalar rewards [B] of a scalar-head model: one forward over 2B rows."""
   rows = concat_pairs(batch)
+  rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
   scores = module.apply({"params": params}, rows["input_ids"], rows["attention_mask"],
-                        rows.get("positions"), rows.get("segment_ids"))
+                        rows.get("positions"), rows.get("segment_ids"), rngs=rngs)
   return tuple(jnp.split(last_token_scores(scores, rows["attention_mask"]), 2))
 
 
 def reward_loss_fn(params, frozen, batch, rng, ctx):
   """Loop loss for `config.algorithm="rm"`: Bradley–Terry on last-token scores."""
-  del frozen, rng
-  rc, rr = pair_scores(ctx.model, params, batch)
+  del frozen
+  rc, rr = pair_scores(ctx.model, params, batch, _dropout_rng(rng, ctx))
   margin = batch.get("margin")
   if margin is not None:  # the loader writes NaN for pairs without a margin
     margin = jnp.where(jnp.isnan(margin), 0.0, margin)
@@ -144,7 +150,9 @@ def reward_loss_fn(params, frozen, batch, rng, ctx):
 def reference_model(ctx: SetupContext):
   """Frozen trees for DPO/KTO: {"ref": params} or nothing for reference-free loss types.
 
-  `config.ref.name_or_path` names another checkpoint; empty means a copy of the initial policy.
+  `config.ref.name_or_path` names another checkpoint; empty means the initial policy: a copy of
+  its weights, or with LoRA the frozen base weights themselves (the model with adapters off;
+  no second copy).
   With `config.precompute_ref`, `modules["ref_cache"]` also holds the reference log-probs of every
   training pair (jaxpost/train/ref_cache.py), which `add_cached_reference` puts into the batches;
   the frozen reference stays for eval batches, which do not pass through the collect phase.
@@ -157,8 +165,9 @@ def reference_model(ctx: SetupContext):
   if name:
     ref = ctx.load(name, "lm")
     frozen, modules = {"ref": ref.params}, {"ref": ref.model}
-  else:
-    frozen = {"ref": jax.tree.map(jnp.copy, ctx.policy.params)}
+  else:  # the initial policy: a copy, or with LoRA the frozen base itself (adapters off)
+    params = ctx.policy.params
+    frozen = {"ref": params if ctx.lora else jax.tree.map(jnp.copy, params)}
     modules = {"ref": ctx.policy.model}
   if config.get("precompute_ref", False):
     modules["ref_cache"] = _reference_cache(ctx, modules["ref"], frozen["ref"], name)

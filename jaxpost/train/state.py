@@ -10,7 +10,8 @@ optimiser state and are not donated.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Optional
 
 import flax.struct
 import jax
@@ -20,6 +21,7 @@ from jaxpost.hf import (LoadedModel, build_module, load_model, load_tokenizer, r
                         resolve_model_dir)
 from jaxpost.models.config import LlamaConfig
 from jaxpost.models.llama import init_params
+from jaxpost.models.lora import LoraSpec
 from jaxpost.train import sharding as sh
 
 
@@ -31,8 +33,9 @@ class TrainState:
   rng: jax.Array
 
 
-def model_config(model_cfg, name_or_path: str):
-  """(LlamaConfig, model dir or None) for `config.model` (runtime dtypes, remat, overrides)."""
+def model_config(model_cfg, name_or_path: str, lora: Optional[LoraSpec] = None):
+  """(LlamaConfig, model dir or None) for `config.model` (runtime dtypes, remat, overrides)
+  and, for a LoRA policy, the adapters' alpha and dropout."""
   model_dir = resolve_model_dir(name_or_path) if name_or_path else None
   hf = read_hf_config(model_dir) if model_dir else {"model_type": "llama"}
   if model_cfg.random_init:
@@ -41,15 +44,17 @@ def model_config(model_cfg, name_or_path: str):
     raise ValueError("config.model.overrides only applies with config.model.random_init=True")
   runtime = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
                  scan_layers=model_cfg.scan_layers, remat_policy=model_cfg.remat_policy)
+  if lora is not None:
+    runtime.update(lora_alpha=lora.alpha, lora_dropout=lora.dropout)
   return LlamaConfig.from_hf(hf, **runtime), model_dir
 
 
 def load_sharded(model_cfg, mesh, rules, head: str = "lm", name_or_path=None,
-                 seed: int = 0) -> LoadedModel:
+                 seed: int = 0, lora: Optional[LoraSpec] = None) -> LoadedModel:
   """Loads (or randomly initialises, with `model_cfg.random_init`) a model whose parameters are
   created directly with their mesh shardings; `name_or_path` defaults to the policy's."""
   name = model_cfg.name_or_path if name_or_path is None else name_or_path
-  cfg, model_dir = model_config(model_cfg, name)
+  cfg, model_dir = model_config(model_cfg, name, lora)
   module = build_module(cfg, head)
   shardings = sh.param_shardings(module, mesh, rules)
   if model_cfg.random_init:
@@ -57,9 +62,10 @@ def load_sharded(model_cfg, mesh, rules, head: str = "lm", name_or_path=None,
     params = init(jax.random.PRNGKey(seed))
     tokenizer = load_tokenizer(model_dir) if model_dir else None
     return LoadedModel(module, params, tokenizer, cfg, head, name or "random")
-  return load_model(name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, head=head,
-                    scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
-                    shardings=shardings, seed=seed)
+  loaded = load_model(name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, head=head,
+                      scan_layers=cfg.scan_layers, remat_policy=cfg.remat_policy,
+                      shardings=shardings, seed=seed)
+  return dataclasses.replace(loaded, model=module, config=cfg)
 
 
 def create_train_state(params, tx, seed: int, mesh):

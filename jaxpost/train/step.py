@@ -9,7 +9,9 @@ with w_i = `algorithm.weight_fn(microbatch_i)`. When loss_i is a mean over w_i u
 the gradient of the loss of the whole batch, so 4 x 2 accumulation matches 1 x 8 exactly (up to
 float reordering). The optimiser then applies one update. The step never syncs with the host:
 it returns device scalars, including `finite` (loss and gradient norm are finite) which the loop
-checks at every log boundary and before every checkpoint.
+checks at every log boundary and before every checkpoint. With LoRA, `state.params` are the
+adapters and the loss applies `frozen["lora_base"]` + adapters; gradients (and so the optimiser)
+exist for the adapters only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jaxpost.train.algorithms import applied_params
 from jaxpost.train.sharding import BATCH_AXES
 from jaxpost.train.state import TrainState
 
@@ -65,7 +68,7 @@ def _weighted_sum(fn, micro, weights):
 
 def _loss_with_metrics(algorithm, ctx):
   def loss(params, frozen, batch, rng):
-    value, metrics = algorithm.loss_fn(params, frozen, batch, rng, ctx)
+    value, metrics = algorithm.loss_fn(applied_params(params, frozen), frozen, batch, rng, ctx)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     return value, {**metrics, "loss": value}
   return loss
