@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,19 +30,21 @@ def cli_args(workdir, **extra):
   return [f"--config.{k}={v}" for k, v in flags.items()]
 
 
-def test_one_device_equals_eight_sharded_devices(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"lora.rank": 4, "optimizer.learning_rate": 1e-2}],
+                         ids=["full", "lora"])
+def test_one_device_equals_eight_sharded_devices(tmp_path, extra):
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   proc = subprocess.run(
       [sys.executable, "scripts/train.py", "--config=configs/sft.py:synthetic",
-       *cli_args(eight, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})],
+       *cli_args(eight, **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}, **extra)],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "'data': 2, 'fsdp': 2, 'tensor': 2" in proc.stderr
 
   c = sft_config.get_config("synthetic")
   c.update_from_flattened_dict({**OVERRIDES, "workdir": one, "checkpoint.every": 0,
-                                "data.eval": "", "metrics.progress_bar": False})
+                                "data.eval": "", "metrics.progress_bar": False, **extra})
   assert jax.device_count() == 1
   jaxpost.train(c)
 
