@@ -5,7 +5,9 @@ Keys (override any with --config.<key>=<value>; unknown keys fail):
   workdir              checkpoints/, metrics.jsonl, tensorboard/ (a restart resumes from it)
   seed, max_steps, batch_size (global rows/pairs per optimiser step), grad_accum (microbatches)
   log_every, eval_every (0: only before/after), eval_steps (eval batches), eval_at_start
-  logprob_chunk_size   sequence chunk of the chunked log-prob loss
+  logprob_chunk_size   positions per row in one chunk of the chunked LM head / log-probs (fp32
+                       [B x chunk, vocab] logits alive at once); only chunks holding loss_mask
+                       targets are computed
   export_hf            "" or a directory (relative to workdir) to write an HF model at the end
   report.*             task: built-in task whose held-out greedy accuracy is reported before
                        and after training ("" disables); examples, max_new_tokens
@@ -44,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.eval_steps = 4
   c.eval_at_start = True
-  c.logprob_chunk_size = 128
+  c.logprob_chunk_size = 32
   c.export_hf = ""
 
   c.report = ml_collections.ConfigDict({"task": "", "examples": 128, "max_new_tokens": 24})

@@ -1,14 +1,30 @@
-"""Chunked token log-probabilities: the fp32 [B, T, V] logits never exist for the whole batch.
+"""Chunked token log-probabilities, computed only at the trainable target positions.
 
 For hidden states h (the model's final normed hidden, [B, T, D]) and output kernel W ([D, V]),
 
     log p(x_t | x_<t) = z_{t-1}[x_t] - logsumexp(z_{t-1}),      z_t = h_t W   (fp32)
 
-and out[:, 0] = 0 (the first token has no prefix). The sequence axis is cut into chunks of
-`chunk_size` positions; each chunk's logits are computed under `jax.checkpoint`, so the forward
-pass keeps only O(B * chunk * V) logits alive and the backward pass recomputes them chunk by
-chunk instead of storing them (the "levers" in DESIGN.md; as in Liger's fused linear
-cross-entropy, Hsu et al. 2024).
+and out[:, 0] = 0 (the first token has no prefix).
+
+Chunks. The logits are computed B * chunk_size positions at a time (`chunk_size` positions per
+row's worth, so a chunk's fp32 logits are [B * chunk_size, V]); the backward pass recomputes
+each chunk's logits instead of storing them (a custom VJP whose residuals are only the inputs),
+so one chunk of logits is alive at a time (the "levers" in DESIGN.md; as in Liger's fused linear cross-entropy,
+Hsu et al. 2024).
+
+Targets only. With a `mask` [B, T] (the batch's `loss_mask`) only positions with mask > 0 are
+wanted. The LM head costs 2 D V FLOPs per position (about a fifth of a small model's step) and
+in SFT/DPO most positions are prompt. So the rows are split into G groups of B / G consecutive
+rows, each group's positions are flattened and its wanted ones moved to the front (a stable
+argsort on mask == 0: a fixed-size permutation, shapes stay static), and chunks of
+B * chunk_size positions (chunk_size * B / G per group) are computed in a loop whose trip count
+is traced: with K_g wanted positions in group g, only ceil(max_g K_g / (chunk_size * B / G))
+chunks run, forward and backward (the same loop structure in both, so it also works inside
+`lax.scan`; it is reverse-mode only, no `jax.jvp`). G = 1 packs the wanted positions of the
+whole batch most tightly; G = B sorts within rows only, which keeps every op row-local, so a
+batch sharded over devices stays sharded (with G = 1 each device would compute the whole
+batch's head). The default picks G = 1 on one device and G = B on several. The stats are put
+back in place; positions with mask == 0 get 0 (and no gradient).
 
 `token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy, entropy, mean
 logit); they carry no gradient.
@@ -25,12 +41,13 @@ import jax.numpy as jnp
 
 from jaxpost.models.llama import output_kernel
 
-DEFAULT_CHUNK_SIZE = 128
+DEFAULT_CHUNK_SIZE = 32
+STATS = ("logprobs", "correct", "entropy", "logit_mean")
 
 
 def _chunk_stats(h, kernel, targets):
-  """Stats of one chunk: h [B, C, D], targets [B, C] -> dict of [B, C] fp32 arrays."""
-  logits = jnp.einsum("bcd,dv->bcv", h, kernel.astype(h.dtype),
+  """Stats of one chunk: h [G, C, D], targets [G, C] -> dict of [G, C] fp32 arrays."""
+  logits = jnp.einsum("gcd,dv->gcv", h, kernel.astype(h.dtype),
                       preferred_element_type=jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -44,31 +61,89 @@ def _chunk_stats(h, kernel, targets):
   }
 
 
-def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict:
+@jax.custom_vjp
+def _live_chunk_stats(h, kernel, ids, num_live):
+  """`_chunk_stats` of chunks i < num_live of h [N, G, C, D] / ids [N, G, C] -> [N, G, C] stats,
+  zeros for the rest: a loop with a traced trip count, so skipped chunks cost nothing."""
+  def body(i, out):
+    stats = _chunk_stats(h[i], kernel, ids[i])
+    return {k: out[k].at[i].set(stats[k]) for k in STATS}
+  return jax.lax.fori_loop(0, num_live, body, {k: jnp.zeros(ids.shape, jnp.float32) for k in STATS})
+
+
+def _live_chunk_stats_fwd(h, kernel, ids, num_live):
+  return _live_chunk_stats(h, kernel, ids, num_live), (h, kernel, ids, num_live)
+
+
+def _live_chunk_stats_bwd(res, cotangents):
+  """Recomputes each live chunk's logits and pulls back the `logprobs` cotangent (the other stats
+  carry no gradient); the kernel gradient is summed over chunks in fp32."""
+  h, kernel, ids, num_live = res
+
+  def body(i, grads):
+    d_h, d_kernel = grads
+    logprobs = lambda x, w: _chunk_stats(x, w, ids[i])["logprobs"]
+    d_hi, d_ki = jax.vjp(logprobs, h[i], kernel)[1](cotangents["logprobs"][i])
+    return d_h.at[i].set(d_hi), d_kernel + d_ki.astype(jnp.float32)
+
+  init = (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32))
+  d_h, d_kernel = jax.lax.fori_loop(0, num_live, body, init)
+  return d_h, d_kernel.astype(kernel.dtype), None, None
+
+
+_live_chunk_stats.defvjp(_live_chunk_stats_fwd, _live_chunk_stats_bwd)
+
+
+def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
+                groups: Optional[int] = None) -> dict:
   """Per-token stats [B, T] (fp32): `logprobs` (differentiable), `correct`, `entropy`,
   `logit_mean` — all describing the prediction of input_ids[:, t] from hidden[:, t-1]; 0 at t=0.
+
+  `chunk_size`: positions per row in one chunk, i.e. B * chunk_size tokens' logits alive at once.
+  `mask` [B, T] (optional): stats only where mask > 0, 0 elsewhere; the LM head runs only on the
+  chunks needed for them. `groups` (dividing B): the wanted positions are packed within that many
+  groups of consecutive rows; None picks 1 on one device, B on several (module docstring).
   """
-  b, t, d = hidden.shape
+  b, t, _ = hidden.shape
   if input_ids.shape != (b, t):
     raise ValueError(f"input_ids shape {input_ids.shape} does not match hidden {hidden.shape}")
+  if mask is not None and mask.shape != (b, t):
+    raise ValueError(f"mask shape {mask.shape} does not match input_ids {input_ids.shape}")
+  groups = (1 if jax.device_count() == 1 else b) if groups is None else groups
+  if groups < 1 or b % groups:
+    raise ValueError(f"groups={groups} does not divide the batch's {b} rows")
+  wanted = jnp.broadcast_to(jnp.arange(t) > 0, (b, t))
+  if mask is not None:
+    wanted = wanted & (mask > 0)
   # Position t is predicted from hidden t-1: shift hidden right by one (zeros at t=0).
   h = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
-  chunk = max(1, min(chunk_size, t))
-  num_chunks = -(-t // chunk)
-  pad = num_chunks * chunk - t
-  h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-  ids = jnp.pad(input_ids, ((0, 0), (0, pad)))
-  h = h.reshape(b, num_chunks, chunk, d).swapaxes(0, 1)
-  ids = ids.reshape(b, num_chunks, chunk).swapaxes(0, 1)
-  stats_fn = jax.checkpoint(_chunk_stats)
-  out = jax.lax.map(lambda xs: stats_fn(xs[0], kernel, xs[1]), (h, ids))
-  first = (jnp.arange(t) > 0).astype(jnp.float32)
-  return {k: v.swapaxes(0, 1).reshape(b, -1)[:, :t] * first for k, v in out.items()}
+  grouped = lambda x: x.reshape(groups, -1, *x.shape[2:])  # [G, (B / G) * T, ...]
+  out = _compacted_stats(grouped(h), kernel, grouped(input_ids), grouped(wanted),
+                         max(1, min(chunk_size, t)) * (b // groups))
+  return {k: v.reshape(b, t) * wanted for k, v in out.items()}
 
 
-def token_logprobs(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE):
-  """[B, T] fp32 with out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0."""
-  return token_stats(hidden, kernel, input_ids, chunk_size)["logprobs"]
+def _compacted_stats(h, kernel, ids, wanted, chunk: int) -> dict:
+  """`_chunk_stats` of the wanted positions of each group (row) of h [G, N, D], ids / wanted
+  [G, N], chunk by chunk of [G, chunk] positions with the wanted ones moved first; [G, N] out."""
+  g, n = wanted.shape
+  num_chunks = -(-n // chunk)
+  # Each group's wanted positions first (stable: in order), padded to whole chunks with index 0.
+  order = jnp.pad(jnp.argsort(~wanted, axis=1, stable=True), ((0, 0), (0, num_chunks * chunk - n)))
+  num_live = -(-jnp.max(jnp.sum(wanted, axis=1)) // chunk)  # chunks holding a wanted position
+  h = jnp.take_along_axis(h, order[..., None], axis=1)
+  ids = jnp.take_along_axis(ids, order, axis=1)
+  split = lambda x: x.reshape(g, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+  out = _live_chunk_stats(split(h), kernel, split(ids), num_live)
+  inverse = jnp.argsort(order[:, :n], axis=1)
+  unsort = lambda v: jnp.take_along_axis(v.swapaxes(0, 1).reshape(g, -1), inverse, axis=1)
+  return {k: unsort(v) for k, v in out.items()}
+
+
+def token_logprobs(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None):
+  """[B, T] fp32 with out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0
+  (and 0 where `mask` == 0 when a mask is given)."""
+  return token_stats(hidden, kernel, input_ids, chunk_size, mask)["logprobs"]
 
 
 def sequence_logprobs(token_lp, loss_mask, average: bool = False):
@@ -82,9 +157,12 @@ def sequence_logprobs(token_lp, loss_mask, average: bool = False):
 
 def model_token_stats(model, params, batch: dict, prefix: str = "",
                       chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      embed_hook: Optional[Callable] = None, dropout_rng=None) -> dict:
+                      embed_hook: Optional[Callable] = None, dropout_rng=None,
+                      targets_only: bool = True) -> dict:
   """`token_stats` of a causal LM on the batch fields `{prefix}input_ids`, `..attention_mask`,
-  `..positions`, `..segment_ids`. `embed_hook(embeddings) -> embeddings` rewrites the token
+  `..positions`, `..segment_ids`. With `targets_only` and a `{prefix}loss_mask` field, stats are
+  computed only at its trainable targets (0 elsewhere); `targets_only=False` (or no loss_mask)
+  computes every position. `embed_hook(embeddings) -> embeddings` rewrites the token
   embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag.
   `dropout_rng` (training only) drives LoRA adapter dropout."""
   ids = batch[prefix + "input_ids"]
@@ -93,7 +171,8 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
   with _intercept_embeddings(embed_hook):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     hidden = model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
-  return token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size)
+  mask = batch.get(prefix + "loss_mask") if targets_only else None
+  return token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size, mask)
 
 
 @contextlib.contextmanager
