@@ -8,7 +8,9 @@ Reported: new tokens/s (median of `--repeats` timed calls after a warm-up call),
 token (a 1-token call: prefill + first token), and jaxpost's compile time (first call minus a
 warm call). HF uses 1 or 2 torch threads, whichever a short probe finds faster (2 OpenMP
 threads crawl when other processes share the cores).
-Writes a markdown table to benchmarks/results/generate.md.
+Writes a markdown table to benchmarks/results/generate.md. `bench_jaxpost` / `bench_hf` are
+also the generation rows of benchmarks/run.py (each in its own process there; this module
+imports jax and torch only inside them).
 """
 
 import argparse
@@ -17,14 +19,6 @@ import platform
 import statistics
 import time
 from pathlib import Path
-
-import jax
-import torch
-import transformers
-
-import jaxpost
-from jaxpost.generate import generate
-from jaxpost.hf import resolve_model_dir
 
 MODEL = "bundled:smollm2-135m-instruct"
 OUT = Path(__file__).parent / "results" / "generate.md"
@@ -49,19 +43,35 @@ def timed(fn, repeats):
   return statistics.median(times)
 
 
-def bench_jaxpost(lm, prompts, new_tokens, repeats):
-  run = lambda k: generate(lm, prompts, max_new_tokens=k, ignore_eos=True, batch_size=len(prompts))
-  t = time.perf_counter()
-  out = run(new_tokens)
-  first = time.perf_counter() - t
-  assert all(n == new_tokens for n in out.lengths), out.lengths
-  total = timed(lambda: run(new_tokens), repeats)
-  run(1)  # compile the 1-token shape bucket before timing it
-  ttft = timed(lambda: run(1), repeats)
-  return dict(tps=len(prompts) * new_tokens / total, ttft=ttft, compile=first - total)
+def _measure(run, batch, new_tokens, repeats, ttft):
+  """First call (s), median call (s), new tokens/s, the first call's tokens and optional TTFT
+  of `run(k)` (k new tokens per row -> the rows' token lists)."""
+  start = time.perf_counter()
+  tokens = run(new_tokens)
+  first = time.perf_counter() - start
+  seconds = timed(lambda: run(new_tokens), repeats)
+  out = dict(first=first, seconds=seconds, tps=batch * new_tokens / seconds, tokens=tokens)
+  if ttft:
+    run(1)  # the 1-token shape is its own compile (jaxpost) / warm-up (HF)
+    out["ttft"] = timed(lambda: run(1), repeats)
+  return out
 
 
-def bench_hf(model, prompts, new_tokens, repeats):
+def bench_jaxpost(lm, prompts, new_tokens, repeats, ttft=True):
+  from jaxpost.generate import generate
+
+  def run(k):
+    out = generate(lm, prompts, max_new_tokens=k, ignore_eos=True, batch_size=len(prompts))
+    assert all(n == k for n in out.lengths), out.lengths
+    return out.tokens
+  out = _measure(run, len(prompts), new_tokens, repeats, ttft)
+  out["compile"] = out["first"] - out["seconds"]
+  return out
+
+
+def bench_hf(model, prompts, new_tokens, repeats, threads=None, ttft=True):
+  """HF greedy generate; `threads=None` probes 1 and 2 torch threads and keeps the faster."""
+  import torch
   ids = torch.tensor(prompts, dtype=torch.long)
   mask = torch.ones_like(ids)
 
@@ -70,17 +80,23 @@ def bench_hf(model, prompts, new_tokens, repeats):
       out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=k,
                            min_new_tokens=k, do_sample=False, pad_token_id=2)
     assert out.shape[1] == ids.shape[1] + k
+    return out[:, ids.shape[1]:].tolist()
 
-  def per_call(threads, k):
-    torch.set_num_threads(threads)
+  def per_call(th, k):
+    torch.set_num_threads(th)
     return timed(lambda: run(k), 1)
-  run(8)
-  # 2 OpenMP threads crawl when other processes share the cores: probe, keep the faster setting.
-  threads = min((1, 2), key=lambda th: per_call(th, 8))
+  if threads is None:
+    run(8)
+    threads = min((1, 2), key=lambda th: per_call(th, 8))
   torch.set_num_threads(threads)
-  total = timed(lambda: run(new_tokens), repeats)
-  ttft = timed(lambda: run(1), repeats)
-  return dict(tps=len(prompts) * new_tokens / total, ttft=ttft, threads=threads)
+  return dict(_measure(run, len(prompts), new_tokens, repeats, ttft), threads=threads)
+
+
+def load_hf(model_dir):
+  import torch
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      str(model_dir), dtype=torch.float32).eval()
 
 
 def main():
@@ -90,9 +106,13 @@ def main():
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args()
+  import jax
+  import torch
+  import transformers
+  import jaxpost
+  from jaxpost.hf import resolve_model_dir
   lm = jaxpost.load_model(MODEL)
-  hf = transformers.AutoModelForCausalLM.from_pretrained(
-      str(resolve_model_dir(MODEL)), dtype=torch.float32).eval()
+  hf = load_hf(resolve_model_dir(MODEL))
   rows = []
   for b in [int(x) for x in args.batch_sizes.split(",")]:
     prompts = make_prompts(lm.tokenizer, b, args.prompt_len)
@@ -106,8 +126,9 @@ def main():
       "",
       f"`python benchmarks/generate.py` — prompt {args.prompt_len} tokens, {args.new_tokens} new "
       f"tokens (EOS ignored), median of {args.repeats}. "
-      f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {load[0]:.1f} at the end; jax {jax.__version__}, "
-      f"torch {torch.__version__}, transformers {transformers.__version__}.",
+      f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+      f"{load[0]:.1f} at the end; jax {jax.__version__}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}.",
       "",
       "| batch | jaxpost new tok/s | HF new tok/s (torch threads) | speed-up | jaxpost TTFT (s) "
       "| HF TTFT (s) | jaxpost compile (s) |",

@@ -9,7 +9,7 @@ benchmarks/results/; this keeps BENCHMARKS.md a faithful copy of the last run of
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["forward", "generate", "sft", "dpo", "data", "dpo_trl_parity"]
+ORDER = ["suite", "forward", "generate", "sft", "dpo", "data", "dpo_trl_parity"]
 
 HEADER = """# Benchmarks
 
@@ -17,7 +17,10 @@ Every section below was written by the named script in `benchmarks/` on the mach
 the reference implementation (transformers / TRL) run in the same process or the same run, same
 model, rows, batch and lengths; times are medians of at least 3 steps after compilation unless
 the section says otherwise. MFU is against the device peak (this 2-core CPU: 290 GFLOP/s fp32, a
-2048² matmul). Regenerate with the scripts, then `python benchmarks/report.py`.
+2048² matmul; the suite also measures that rate during its own run). The first section is the
+one-command suite (`python benchmarks/run.py`, which also rewrites this file); the sections after
+it are the standalone scripts' detailed runs. Regenerate with the scripts, then
+`python benchmarks/report.py`.
 """
 
 
