@@ -1,7 +1,7 @@
 """The side-by-side benchmark suite: jaxpost vs TRL / transformers in one run, one command.
 
     python benchmarks/run.py [--only=sft,rm,dpo,dpo_lora,sft_lora,generate] [--steps=4]
-                             [--torch_threads=N] [--quick]
+                             [--torch_threads=N] [--quick] [--set=model.scan_layers=False ...]
 
 For every task the parent builds the inputs once (jaxpost's loader, one length bucket) and runs
 jaxpost and the reference, each in its own child process (so peak RSS is per framework), on
@@ -17,9 +17,11 @@ the same bundled SmolLM2-135M-Instruct weights in fp32, the same token ids, batc
 Each TRL child asserts that its collated batches carry exactly jaxpost's token ids, attention
 masks and loss masks (benchmarks/trainers.py). A training step count of `--steps` is timed
 after one compilation / warm-up step and the median reported; generation times `--steps` calls
-after a first one. `--quick` runs tiny shapes and 2 timed steps (a smoke test). A full run
-writes benchmarks/results/suite.md and rebuilds BENCHMARKS.md (benchmarks/report.py); a subset
-or --quick run only prints its table unless given --write.
+after a first one. `--quick` runs tiny shapes and 2 timed steps (a smoke test). `--set`
+overrides a key of jaxpost's training configs (a lever of README "Memory and speed levers"); the
+recipe defaults are what the table reports. A full run without `--set` writes
+benchmarks/results/suite.md and rebuilds BENCHMARKS.md (benchmarks/report.py); a subset, --quick
+or --set run only prints its table unless given --write.
 """
 
 from __future__ import annotations
@@ -96,7 +98,7 @@ def jaxpost_overrides(task: Task, spec: dict) -> dict:
     out["beta"] = BETA
   if task.lora:
     out.update({f"lora.{k}": v for k, v in LORA.items()})
-  return out
+  return {**out, **spec.get("overrides", {})}
 
 
 def child_generate(spec: dict) -> dict:
@@ -149,7 +151,8 @@ def run_task(name: str, args, shapes: dict, cache: dict, workdir: Path) -> dict:
   task = TASKS[name]
   steps = args.steps + (task.kind != "generate")  # + the compile / warm-up step
   spec = {"task": name, "steps": steps, "model_dir": model_dir(task, workdir),
-          "threads": args.torch_threads, **task_inputs(task, shapes, steps, cache, workdir)}
+          "threads": args.torch_threads, "overrides": args.overrides,
+          **task_inputs(task, shapes, steps, cache, workdir)}
   results = {impl: run_impl(spec, impl, workdir) for impl in ("jaxpost", "reference")}
   return {"spec": spec, **results}
 
@@ -274,10 +277,17 @@ def main():
   parser.add_argument("--write", action="store_true",
                       help="write results/suite.md and BENCHMARKS.md even for a subset or --quick "
                       "(a full run always does)")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a jaxpost config key, e.g. model.scan_layers=False "
+                      "(repeatable; such a run is printed, not written)")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     return child(args.child)
+  try:
+    args.overrides = parse_overrides(args.set)
+  except ValueError as e:
+    parser.error(str(e))
   names = args.only.split(",")
   unknown = set(names) - set(TASKS)
   if unknown:
@@ -286,6 +296,22 @@ def main():
   if args.steps < 1:
     parser.error("--steps must be >= 1")
   run_suite(args, names)
+
+
+def parse_overrides(items: list[str]) -> dict:
+  """["model.scan_layers=False", ...] -> {"model.scan_layers": False}; values are Python
+  literals, or strings when they do not parse as one."""
+  import ast
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
 
 
 def run_suite(args, names: list[str]):
@@ -302,8 +328,8 @@ def run_suite(args, names: list[str]):
       table += table_rows(run_task(name, args, shapes, cache, Path(tmp)), cfg, peak)
   command = " ".join(["python benchmarks/run.py", f"--only={','.join(names)}",
                       f"--steps={args.steps}", f"--torch_threads={args.torch_threads}"]
-                     + ["--quick"] * args.quick)
-  complete = names == list(TASKS) and not args.quick
+                     + ["--quick"] * args.quick + [f"--set={item}" for item in args.set])
+  complete = names == list(TASKS) and not args.quick and not args.set
   common.write_result("suite", "Suite: jaxpost vs TRL / transformers, SmolLM2-135M fp32", command,
                       table, notes(args, peak, (load_before, os.getloadavg()[0])),
                       save=complete or args.write)
