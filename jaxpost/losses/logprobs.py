@@ -47,8 +47,8 @@ STATS = ("logprobs", "correct", "entropy", "logit_mean")
 
 def _chunk_stats(h, kernel, targets):
   """Stats of one chunk: h [G, C, D], targets [G, C] -> dict of [G, C] fp32 arrays."""
-  logits = jnp.einsum("gcd,dv->gcv", h, kernel.astype(h.dtype),
-                      preferred_element_type=jnp.float32)
+  logits = jnp.dot(h.reshape(-1, h.shape[-1]), kernel.astype(h.dtype),  # 2-D: see lora.dense
+                   preferred_element_type=jnp.float32).reshape(*targets.shape, -1)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logits_ng = jax.lax.stop_gradient(logits)
