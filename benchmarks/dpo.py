@@ -17,23 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).parent)]
 import common  # noqa: E402
 import run  # noqa: E402
-import trainers  # noqa: E402
 from sft import compare, model_and_peak, parse  # noqa: E402
-from trainers import filled_rows  # noqa: E402,F401  (benchmarks/memory.py reads it from here)
 
 LEARNING_RATE = run.TASKS["dpo"].lr
 BETA = run.BETA
-
-
-def jaxpost_config(args, workdir: str):
-  """configs/dpo.py set up for a timed run of args.steps x [args.batch_size, args.length]."""
-  return trainers.jaxpost_config("dpo", workdir, args.steps, args.batch_size, args.length,
-                                 LEARNING_RATE, {"beta": BETA})
 
 
 def main():
@@ -43,11 +33,8 @@ def main():
   rows, speedups = [], []
   with tempfile.TemporaryDirectory() as tmp:
     for length in map(int, args.lengths.split(",")):
-      batches = Path(tmp) / f"pairs_{length}.npz"
-      np.savez(batches, **trainers.preference_batches(length, args.batch_size, args.steps))
-      spec = {"task": "dpo", "steps": args.steps, "model_dir": model_dir,
-              "batches": str(batches), "batch_size": args.batch_size, "length": length}
-      length_rows, best = compare("dpo", spec, args.trl_threads, Path(tmp), cfg, peak)
+      length_rows, best = compare("dpo", (args.batch_size, length), args.steps, model_dir,
+                                  args.trl_threads, Path(tmp), cfg, peak)
       rows += length_rows
       speedups.append(f"T={length}: **{best:.2f}x**")
   threads = ",".join(map(str, args.trl_threads))

@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import child_result, emit_result, peak_rss_gb, versions, write_result  # noqa: E402
 
-MODEL = "bundled:smollm2-135m-instruct"
 GB = 2**30
 ALGOS = ("sft", "dpo")
 SHAPES = {"sft": (8, 256), "dpo": (4, 256)}  # (rows or pairs per step, tokens per row)
@@ -86,27 +85,20 @@ def shape(args, algo: str) -> tuple[int, int]:
   return QUICK_SHAPE if args.quick else SHAPES[algo]
 
 
-def preference_rows(length: int, count: int) -> list[dict]:
-  """benchmarks/dpo.py's arithmetic pairs, prompts filled with solved examples up to `length`."""
-  from trainers import filled_rows
-  from jaxpost.data.chat import ChatTokenizer
-  from jaxpost.hf import load_tokenizer, resolve_model_dir
-  return filled_rows(ChatTokenizer(load_tokenizer(resolve_model_dir(MODEL))), length, count)
-
-
 def run_config(algo: str, lever: str, args, workdir: str):
-  """The recipe config of benchmarks/sft.py or dpo.py for this row, the lever applied."""
+  """The suite's (benchmarks/run.py) recipe config for this row, the lever applied."""
   import configs.sft
-  import dpo
-  import sft
+  import run
+  import trainers
   batch_size, length = shape(args, algo)
-  ns = argparse.Namespace(steps=args.steps, batch_size=batch_size, length=length)
-  c = (sft if algo == "sft" else dpo).jaxpost_config(ns, workdir)
+  extra = {"beta": run.BETA} if algo == "dpo" else {}
+  c = trainers.jaxpost_config(algo, workdir, args.steps, batch_size, length,
+                              run.TASKS[algo].lr, extra)
   if algo == "sft":
     c.data.packing = True
   else:  # jaxpost builds the loader from the rows, so precompute_ref can score exactly them
     with c.ignore_type():
-      c.data.train = preference_rows(length, args.steps * batch_size)
+      c.data.train = trainers.preference_rows(length, args.steps * batch_size)
     c.data.shuffle = False
     c.precompute_ref = False
   if args.quick:

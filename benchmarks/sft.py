@@ -16,8 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).parent)]
 import common  # noqa: E402
 import run  # noqa: E402
@@ -26,15 +24,12 @@ import trainers  # noqa: E402
 LEARNING_RATE = run.TASKS["sft"].lr
 
 
-def jaxpost_config(args, workdir: str):
-  """configs/sft.py set up for a timed run of args.steps x [args.batch_size, args.length]."""
-  return trainers.jaxpost_config("sft", workdir, args.steps, args.batch_size, args.length,
-                                 LEARNING_RATE)
-
-
-def compare(task: str, spec: dict, trl_threads: list[int], workdir: Path, cfg,
-            peak: float) -> tuple[list[list], float]:
-  """Table rows (jaxpost, then TRL per thread count) and jaxpost's speed-up over the best."""
+def compare(task: str, shape: tuple[int, int], steps: int, model_dir: str,
+            trl_threads: list[int], workdir: Path, cfg, peak: float) -> tuple[list[list], float]:
+  """The suite's `task` on `steps` batches of `shape` (batch, length): table rows (jaxpost,
+  then TRL per thread count) and jaxpost's speed-up over the fastest TRL row."""
+  inputs = run.task_inputs(run.TASKS[task], {run.TASKS[task].data: shape}, steps, {}, workdir)
+  spec = {"task": task, "steps": steps, "model_dir": model_dir, **inputs}
   ours = run.run_impl({**spec, "threads": os.cpu_count()}, "jaxpost", workdir)
   refs = {t: run.run_impl({**spec, "threads": t}, "reference", workdir) for t in trl_threads}
   best = min(run.speedup(ours, refs[t]) for t in trl_threads)  # over the fastest TRL row
@@ -69,11 +64,8 @@ def main():
   cfg, peak, model_dir = model_and_peak()
   load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
-    batches = Path(tmp) / "sft.npz"
-    np.savez(batches, **trainers.sft_batches(args.length, args.batch_size, args.steps))
-    spec = {"task": "sft", "steps": args.steps, "model_dir": model_dir, "batches": str(batches),
-            "batch_size": args.batch_size, "length": args.length}
-    rows, best = compare("sft", spec, args.trl_threads, Path(tmp), cfg, peak)
+    rows, best = compare("sft", (args.batch_size, args.length), args.steps, model_dir,
+                         args.trl_threads, Path(tmp), cfg, peak)
   threads = ",".join(map(str, args.trl_threads))
   common.write_result(
       "sft", f"SFT: jaxpost vs TRL SFTTrainer, SmolLM2-135M fp32, B={args.batch_size}",

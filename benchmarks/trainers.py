@@ -69,12 +69,16 @@ def filled_rows(ct, length: int, count: int) -> list[dict]:
   return out
 
 
-def preference_batches(length: int, batch_size: int, steps: int) -> dict:
-  """Preference pairs filling `length` (see `filled_rows`), never truncated."""
+def preference_rows(length: int, count: int) -> list[dict]:
+  """`filled_rows` with the bundled model's chat template."""
   from jaxpost.data.chat import ChatTokenizer
   from jaxpost.hf import load_tokenizer, resolve_model_dir
-  tokenizer = load_tokenizer(resolve_model_dir(MODEL))
-  rows = filled_rows(ChatTokenizer(tokenizer), length, steps * batch_size)
+  return filled_rows(ChatTokenizer(load_tokenizer(resolve_model_dir(MODEL))), length, count)
+
+
+def preference_batches(length: int, batch_size: int, steps: int) -> dict:
+  """Preference pairs filling `length` (see `filled_rows`), never truncated."""
+  rows = preference_rows(length, steps * batch_size)
   batches = loader_batches({"train": rows}, "preference", length, batch_size, steps)
   if batches["chosen_attention_mask"].sum(-1).max() > length:
     raise RuntimeError(f"preference rows longer than {length} tokens")
