@@ -87,7 +87,7 @@ def shape(args, algo: str) -> tuple[int, int]:
 
 def run_config(algo: str, lever: str, args, workdir: str):
   """The suite's (benchmarks/run.py) recipe config for this row, the lever applied."""
-  import configs.sft
+  from jaxpost.configs import sft as sft_config
   import run
   import trainers
   batch_size, length = shape(args, algo)
@@ -102,7 +102,7 @@ def run_config(algo: str, lever: str, args, workdir: str):
     c.data.shuffle = False
     c.precompute_ref = False
   if args.quick:
-    configs.sft._tiny(c)  # noqa: SLF001 (the recipes' shared tiny-model variant)
+    sft_config._tiny(c)  # noqa: SLF001 (the recipes' shared tiny-model variant)
   c.update_from_flattened_dict({**BASELINE, **LEVERS[lever], "workdir": workdir,
                                 "max_steps": args.steps, "report.task": ""})
   return c

@@ -14,7 +14,7 @@ level, so a TRL child's peak RSS is torch's alone.
 
 from __future__ import annotations
 
-import importlib
+import jaxpost.configs
 import json
 import tempfile
 from pathlib import Path
@@ -96,7 +96,7 @@ def jaxpost_config(kind: str, workdir: str, steps: int, batch_size: int, length:
                    lr: float, overrides: dict | None = None):
   """configs/<recipe>.py for `kind`, set up for a timed run: log every step, no eval, report,
   checkpoint or export, cosine schedule without warm-up."""
-  c = importlib.import_module(f"configs.{RECIPES[kind]}").get_config()
+  c = jaxpost.configs.get(RECIPES[kind])
   c.update_from_flattened_dict({
       "workdir": workdir, "max_steps": steps, "batch_size": batch_size, "log_every": 1,
       "eval_at_start": False, "data.eval": None, "report.task": "", "export_hf": "",

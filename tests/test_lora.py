@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jaxpost
-from configs import dpo as dpo_config
-from configs import sft as sft_config
+from jaxpost.configs import dpo as dpo_config
+from jaxpost.configs import sft as sft_config
 from conftest import make_hf_model
 from jaxpost.models import lora
 from jaxpost.models.llama import init_params

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxpost
-from configs import dpo, rm
+from jaxpost.configs import dpo, rm
 from jaxpost.data.loader import build_loader
 from jaxpost.data.tasks import arithmetic
 

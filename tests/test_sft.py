@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import sft as sft_config  # noqa: E402
+from jaxpost.configs import sft as sft_config  # noqa: E402
 
 import jaxpost  # noqa: E402
 from jaxpost.losses import sft  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import base, sft  # noqa: E402
+from jaxpost.configs import base, sft  # noqa: E402
 
 from jaxpost.train import algorithms  # noqa: E402
 

@@ -13,7 +13,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import sft as sft_config  # noqa: E402
+from jaxpost.configs import sft as sft_config  # noqa: E402
 
 import jaxpost  # noqa: E402
 from jaxpost.train.checkpoint import Checkpointer  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from configs import sft as sft_config  # noqa: E402
+from jaxpost.configs import sft as sft_config  # noqa: E402
 
 import jaxpost  # noqa: E402
 from jaxpost.train.export import load_trained  # noqa: E402

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import sft as sft_config  # noqa: E402
+from jaxpost.configs import sft as sft_config  # noqa: E402
 
 from jaxpost.losses import sft  # noqa: E402
 from jaxpost.train import algorithms, optim  # noqa: E402

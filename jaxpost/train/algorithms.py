@@ -20,7 +20,7 @@ Contract, in the order the loop uses it:
   maps the same names to the Flax modules that apply them. `ctx.policy` is the loaded policy
   (its params are DONATED to the train state: copy them, e.g. `jax.tree.map(jnp.copy, ...)`,
   to reuse them as a reference — except with `ctx.lora`, where they are the frozen base and
-  are used as they are); `ctx.load(name_or_path, head)` loads another model already
+  are used as they are); `ctx.load(name_or_path=..., head=...)` (keywords) loads another model
   sharded on the training mesh. Frozen trees are checkpointed only through their config.
 * `loss_fn(params, frozen, batch, rng, ctx: LossContext) -> (loss, metrics)` is traced inside the
   jitted step. `batch` is ONE microbatch (see DESIGN "Batches"); `loss` a scalar mean over it;

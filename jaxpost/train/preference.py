@@ -163,7 +163,7 @@ def reference_model(ctx: SetupContext):
   ref_cfg = config.get("ref", None)
   name = ref_cfg.get("name_or_path", "") if ref_cfg is not None else ""
   if name:
-    ref = ctx.load(name, "lm")
+    ref = ctx.load(name_or_path=name, head="lm")
     frozen, modules = {"ref": ref.params}, {"ref": ref.model}
   else:  # the initial policy: a copy, or with LoRA the frozen base itself (adapters off)
     params = ctx.policy.params

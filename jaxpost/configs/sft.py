@@ -9,7 +9,7 @@ The default finetunes the bundled SmolLM2-135M-Instruct on the built-in arithmet
 minutes on 2 CPU cores and prints the eval loss before and after.
 """
 
-from configs import base
+from jaxpost.configs import base
 
 VARIANTS = ("default", "lora", "tiny", "synthetic")
 

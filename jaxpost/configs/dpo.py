@@ -23,7 +23,7 @@ Keys added to configs/base.py:
 
 import ml_collections
 
-from configs import base, sft
+from jaxpost.configs import base, sft
 
 VARIANTS = ("default", "kto", "lora", "tiny")
 

@@ -13,7 +13,7 @@ Keys added to configs/base.py:
   center_rewards_coefficient   c in + c · mean((r_c + r_r)²); 0 disables it
 """
 
-from configs import base, sft
+from jaxpost.configs import base, sft
 
 VARIANTS = ("default", "tiny")
 
