@@ -224,7 +224,7 @@ def test_config_validation_names_the_key():
     GRPOConfig(num_generations=1)
   with pytest.raises(ValueError, match="config.grpo.overlong_buffer"):
     GRPOConfig(overlong_buffer=600, max_completion_length=512)
-  assert GRPOConfig(epsilon=0.2, epsilon_high=0.28).epsilon_upper == 0.28
-  assert GRPOConfig(epsilon=0.3).epsilon_upper == 0.3
+  assert GRPOConfig(epsilon=0.2, epsilon_high=0.28).epsilon_high == 0.28
+  assert GRPOConfig(epsilon=0.3).epsilon_high == 0.3
   with pytest.raises(ValueError, match="num_generations=3"):
     grpo.group_advantages(f32([1, 2, 3, 4]), 3)

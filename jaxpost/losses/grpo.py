@@ -26,7 +26,7 @@ Policy loss per token (the PPO clip of Schulman et al. 2017, as GRPO uses it):
     l_t = −min(ρ_t A, clip(ρ_t, 1 − ε_low, 1 + ε_high) A) + β w_t k3_t
 
 with k3 against the reference (`kl.py`) and w_t = ρ_t when `use_bias_correction_kl` (TRL 1.16's
-default, after DeepSeek-V3.2; gradient through ρ), else 1. importance_sampling_level="sequence"
+default, after DeepSeek-V3.2; gradient through ρ; with a sequence ratio w_t = s_i, as TRL), else 1. importance_sampling_level="sequence"
 (GSPO, Zheng et al. 2025): s_i = exp(Σ_t m_t log(π_θ/π_old) / Σ_t m_t), entering in GSPO-token form
 ρ_t = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)]: value s_i at every token, gradient s_i ∇log π_θ(y_t), i.e.
 GSPO's gradient for sequence advantages and the per-token one for [B, T] advantages.
@@ -82,7 +82,7 @@ class GRPOConfig:
   loss_type: str = "dapo"
   scale_rewards: str = "group"
   epsilon: float = 0.2
-  epsilon_high: Optional[float] = None  # None: = epsilon (DAPO uses 0.28)
+  epsilon_high: Optional[float] = None  # None: = epsilon, set at construction (DAPO uses 0.28)
   beta: float = 0.0
   importance_sampling_level: str = "token"
   use_bias_correction_kl: bool = True
@@ -92,6 +92,8 @@ class GRPOConfig:
   max_completion_length: Optional[int] = None
 
   def __post_init__(self):
+    if self.epsilon_high is None:
+      object.__setattr__(self, "epsilon_high", self.epsilon)
     choices = {"loss_type": LOSS_TYPES, "scale_rewards": SCALE_REWARDS,
                "importance_sampling_level": IMPORTANCE_SAMPLING_LEVELS}
     for key, allowed in choices.items():
@@ -101,7 +103,7 @@ class GRPOConfig:
       raise ValueError(f"config.grpo.num_generations must be >= 2, got {self.num_generations}")
     for key in ("epsilon", "epsilon_high"):
       value = getattr(self, key)
-      if value is not None and not 0 < value:
+      if not 0 < value:
         raise ValueError(f"config.grpo.{key} must be > 0, got {value}")
     if self.epsilon >= 1:
       raise ValueError(f"config.grpo.epsilon must be < 1 (the lower clip is 1 - epsilon), "
@@ -120,10 +122,6 @@ class GRPOConfig:
   @property
   def epsilon_low(self) -> float:
     return self.epsilon
-
-  @property
-  def epsilon_upper(self) -> float:
-    return self.epsilon if self.epsilon_high is None else self.epsilon_high
 
 
 # --- rewards -> advantages -------------------------------------------------------------------
@@ -311,7 +309,7 @@ def grpo_loss(cfg: GRPOConfig, logps, advantages, mask, old_logps=None, ref_logp
   log_ratio, log_kl_weight = _log_importance_weights(logps, old, mask,
                                                      cfg.importance_sampling_level)
   per_token, low, high = clipped_surrogate(jnp.exp(log_ratio), adv, cfg.epsilon_low,
-                                           cfg.epsilon_upper)
+                                           cfg.epsilon_high)
   metrics = _clip_metrics(low, high, mask, per_sequence=sequence_level)
   if cfg.beta > 0:
     if ref_logps is None:
