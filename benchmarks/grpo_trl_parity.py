@@ -148,6 +148,60 @@ def cases():
         yield loss_type, level, beta, correction
 
 
+# Four groups of G: equal rewards, one None, a single scorable completion, all distinct.
+ADVANTAGE_REWARDS = [1.0, 1.0, 1.0, 1.0, 0.5, float("nan"), 2.0, -1.0,
+                     float("nan"), 3.0, float("nan"), float("nan"), 0.1, 0.7, 0.2, 1.9]
+
+
+def trl_group_advantages(rewards, scale):
+  """TRL 1.16 GRPOTrainer's advantage step (one reward function, None -> NaN, the default
+  multi_objective_aggregation), re-derived from `_generate_and_score_completions` with TRL's
+  own `nanstd`: (advantages, reward metrics)."""
+  import torch
+  from trl.trainer.utils import nanstd
+  r = torch.tensor(rewards)
+  grouped = r.view(-1, G)
+  mean = torch.nanmean(grouped, dim=1).repeat_interleave(G)
+  std = nanstd(r).expand_as(r) if scale == "batch" else nanstd(grouped, dim=1).repeat_interleave(G)
+  adv = r - mean if scale == "none" else (r - mean) / (std + 1e-4)
+  zero_std = torch.isclose(std, torch.zeros_like(std)).float().mean()
+  return torch.nan_to_num(adv, nan=0.0).numpy(), {
+      "reward": torch.nanmean(r).item(), "reward_std": nanstd(r).item(),
+      "frac_reward_zero_std": zero_std.item()}
+
+
+def trl_rloo_advantages(rewards):
+  """TRL 1.16 RLOOTrainer's leave-one-out baseline over scorable siblings, re-derived likewise."""
+  import torch
+  grouped = torch.tensor(rewards).view(-1, G)
+  count = (~torch.isnan(grouped)).sum(dim=1, keepdim=True)
+  baseline = (torch.nansum(grouped, dim=1, keepdim=True) - grouped) / (count - 1)
+  return torch.nan_to_num((grouped - baseline).view(-1), nan=0.0).numpy()
+
+
+def advantage_rows():
+  """(markdown rows, failures) for group_advantages per scale_rewards and rloo_advantages."""
+  import jax.numpy as jnp
+  from jaxpost.losses import grpo
+  rewards = jnp.asarray(ADVANTAGE_REWARDS)
+  rows, bad = [], 0
+  for scale in ("group", "batch", "none"):
+    ours, m_a = grpo.group_advantages(rewards, G, scale_rewards=scale)
+    theirs, m_b = trl_group_advantages(ADVANTAGE_REWARDS, scale)
+    gap = float(np.max(np.abs(np.asarray(ours) - theirs)))
+    worst = max(m_b, key=lambda k: rel_diff(float(m_a[k]), m_b[k]))
+    bad += gap > TOL * max(float(np.max(np.abs(theirs))), 1.0)
+    bad += sum(rel_diff(float(m_a[k]), m_b[k]) > TOL and abs(float(m_a[k]) - m_b[k]) > ABS_FLOOR
+               for k in m_b)
+    rows.append(f"| GRPO scale_rewards={scale} | {gap:.1e} | "
+                f"{rel_diff(float(m_a[worst]), m_b[worst]):.1e} ({worst}) |")
+  gap = float(np.max(np.abs(np.asarray(grpo.rloo_advantages(rewards, G))
+                            - trl_rloo_advantages(ADVANTAGE_REWARDS))))
+  bad += gap > TOL
+  rows.append(f"| RLOO leave-one-out | {gap:.1e} | - |")
+  return rows, bad
+
+
 def main() -> int:
   try:
     import trl
@@ -181,7 +235,11 @@ def main() -> int:
     row, n = compare("rloo (sequence ratio, mean over sequences)", ours, theirs, RLOO_METRICS)
     rows.append(row)
     bad += n
-  table = ["| case | loss jaxpost | loss trl | loss rel diff | grad rel diff | kl (trl) | "
+  adv_rows, n = advantage_rows()
+  bad += n
+  table = ["| advantages (rewards with None) | max abs diff | worst metric rel diff |",
+           "|---|---|---|", *adv_rows, "",
+           "| case | loss jaxpost | loss trl | loss rel diff | grad rel diff | kl (trl) | "
            "clip low/high/region (trl) | worst metric rel diff |", "|---|---|---|---|---|---|---|---|",
            *rows]
   verdict = (f"trl {trl.__version__}, transformers {transformers.__version__}, torch "
@@ -202,6 +260,9 @@ TRL's real `GRPOTrainer._compute_loss` / `RLOOTrainer._compute_loss` with its lo
 replaced by those inputs. `grad rel diff` = max |Δ grad| / max |grad| of d loss / d log-probs;
 the worst metric is over kl, entropy and clip_ratio/{{low,high,region}}_mean, low_min, high_max;
 dapo uses a global token count of 1.5x the microbatch's (as with gradient accumulation).
+Advantages: 4 groups of 4 rewards (one group equal, one with a None, one with a single scorable
+completion) through TRL's advantage formulas re-derived with TRL's own `nanstd` (they sit
+inside `_generate_and_score_completions`, which needs a generation run).
 
 TRL 1.16 semantics reproduced (see `jaxpost/losses/grpo.py`): the KL term is ρ·k3 by default
 (`use_bias_correction_kl=True`); `scale_rewards="batch"` centres per group and divides by the
