@@ -11,11 +11,12 @@ import torch
 import transformers
 
 from jaxpost.data import ChatTokenizer, Limits, tokenize_example
-from jaxpost.hf import LoadedModel, build_module, load_tokenizer, read_hf_config, save_model
-from jaxpost.hf import score_tokenizer
+from jaxpost.hf import (LoadedModel, build_module, load_tokenizer, read_hf_config, save_model,
+                        score_tokenizer)
 from jaxpost.models.config import LlamaConfig
 from jaxpost.models.heads import last_token_scores
 from jaxpost.models.llama import init_params
+from tests.conftest import word_tokenizer
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
@@ -88,20 +89,6 @@ def test_exported_reward_model_scores_like_jaxpost(score_model, tmp_path):
   assert abs(before_eos - ours[0]) > 1e-2
 
 
-def _word_tokenizer(words, specials, pad=None, unk=None, template=None):
-  """A word-level fast tokenizer: `specials` first (ids 0..), then `words`."""
-  from tokenizers import Tokenizer, models, pre_tokenizers
-  vocab = {w: i for i, w in enumerate(specials + words)}
-  backend = Tokenizer(models.WordLevel(vocab, unk_token=unk or specials[0]))
-  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-  tok = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token=pad, unk_token=unk,
-      chat_template=template)
-  tok.add_special_tokens({"additional_special_tokens": [
-      s for s in specials if s not in ("<s>", "</s>", pad, unk)]})
-  return tok
-
-
 @pytest.mark.parametrize("specials,pad,unk,template,vocab_size,expect", [
     (["<s>", "</s>", "<pad>"], "<pad>", None, None, 8, "<pad>"),            # own pad is fine
     (["<s>", "</s>", "<unk>"], "</s>", "<unk>", None, 8, "<unk>"),          # pad = EOS: unk
@@ -111,7 +98,7 @@ def _word_tokenizer(words, specials, pad=None, unk=None, template=None):
     (["<s>", "</s>", "<|turn|>"], "</s>", None, "{{ '<|turn|>' }}", 8, "<|pad|>"),  # a new one
 ])
 def test_score_pad_token_choice(specials, pad, unk, template, vocab_size, expect):
-  tok = _word_tokenizer(["a", "b"], specials, pad, unk, template)
+  tok = word_tokenizer(["a", "b"], specials, pad, unk, template)
   cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=8, intermediate_size=8,
                     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
                     eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
@@ -122,7 +109,7 @@ def test_score_pad_token_choice(specials, pad, unk, template, vocab_size, expect
 
 
 def test_score_pad_token_without_a_free_id_is_refused():
-  tok = _word_tokenizer(["a", "b"], ["<s>", "</s>"], "</s>")
+  tok = word_tokenizer(["a", "b"], ["<s>", "</s>"], "</s>")
   cfg = LlamaConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=8,
                     num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8,
                     eos_token_id=tok.eos_token_id)
