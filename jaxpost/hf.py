@@ -256,11 +256,12 @@ def score_tokenizer(tokenizer, config: LlamaConfig):
 
   transformers' `*ForSequenceClassification` scores the rightmost token whose id is not
   `pad_token_id` (it ignores attention_mask); jaxpost scores the last attention-mask token
-  (models/heads.py). The two agree on any batch, left or right padded, exactly when the pad id
-  never occurs in a row, so it may not be an EOS (every standard row ends in one), the BOS or a
-  token of the chat template. The first such token of: the tokenizer's own pad token, a special
-  token named like a pad, the unk token, any other special token; else a new `<|pad|>` in the
-  unused embedding rows (ids len(tokenizer) .. vocab_size - 1), so the vocabulary never grows.
+  (models/heads.py). The two agree on any batch, left or right padded, when the pad id is never
+  a row's last real token, so it may not be an EOS (every standard row ends in one), the BOS or
+  a token of the chat template. The first token that is none of these among: the tokenizer's own
+  pad token, special tokens named like a pad, the unk token, any other special token; else a new
+  `<|pad|>` in the unused embedding rows (ids len(tokenizer) .. vocab_size - 1), so the
+  vocabulary never grows. The caller's tokenizer is not changed.
   """
   if tokenizer is None:
     if config.pad_token_id is not None and config.pad_token_id in _ids(config.eos_token_id):
