@@ -14,6 +14,7 @@ full copies of the model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -235,15 +236,63 @@ def save_model(lm: LoadedModel, out_dir: str, dtype: Optional[str] = None,
   suffix = "ForCausalLM" if lm.head == "lm" else "ForSequenceClassification"
   hf["architectures"] = [family[lm.config.model_type] + suffix]
   hf["torch_dtype"] = save_dtype.name
+  tokenizer = lm.tokenizer
   if lm.head == "score":
     hf.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    tokenizer = score_tokenizer(tokenizer, lm.config)
+    if tokenizer is not None:
+      hf["pad_token_id"] = tokenizer.pad_token_id
   (out / "config.json").write_text(json.dumps(hf, indent=2))
   if lm.head == "lm":
     gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
-  if lm.tokenizer is not None:
-    lm.tokenizer.save_pretrained(str(out))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(str(out))
   return out
+
+
+def score_tokenizer(tokenizer, config: LlamaConfig):
+  """A copy of `tokenizer` whose pad token can never be a scored row's last real token.
+
+  transformers' `*ForSequenceClassification` scores the rightmost token whose id is not
+  `pad_token_id` (it ignores attention_mask); jaxpost scores the last attention-mask token
+  (models/heads.py). The two agree on any batch, left or right padded, when the pad id is never
+  a row's last real token, so it may not be an EOS (every standard row ends in one), the BOS or
+  a token of the chat template. The first token that is none of these among: the tokenizer's own
+  pad token, special tokens named like a pad, the unk token, any other special token; else a new
+  `<|pad|>` in the unused embedding rows (ids len(tokenizer) .. vocab_size - 1), so the
+  vocabulary never grows. The caller's tokenizer is not changed.
+  """
+  if tokenizer is None:
+    if config.pad_token_id is not None and config.pad_token_id in _ids(config.eos_token_id):
+      log.warning("Exporting a score model without a tokenizer whose pad_token_id is the EOS: "
+                  "transformers will score the token before a trailing EOS")
+    return None
+  tokenizer = copy.deepcopy(tokenizer)
+  template = str(getattr(tokenizer, "chat_template", None) or "")
+  used = _ids(config.eos_token_id) | _ids(tokenizer.eos_token_id) | _ids(tokenizer.bos_token_id)
+  specials = [t.content for i, t in sorted(getattr(tokenizer, "added_tokens_decoder", {}).items())
+              if t.special]
+  candidates = ([tokenizer.pad_token] + [t for t in specials if "pad" in t.lower()]
+                + [tokenizer.unk_token] + specials)
+  for token in candidates:
+    if token and token not in template and tokenizer.convert_tokens_to_ids(token) not in used:
+      tokenizer.pad_token = token
+      return tokenizer
+  if len(tokenizer) >= config.vocab_size:
+    raise ValueError(
+        "Cannot export the score model for transformers: its tokenizer has no special token "
+        "besides EOS/BOS/chat-template tokens to pad with and no unused embedding row; set "
+        "tokenizer.pad_token to a token that never occurs in your rows")
+  tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+  return tokenizer
+
+
+def _ids(value) -> set:
+  """A token id or a sequence of ids (config.eos_token_id may be a list) as a set."""
+  if value is None:
+    return set()
+  return set(value) if isinstance(value, (list, tuple)) else {value}
 
 
 def _write_safetensors(tensors: dict, out: Path, max_shard_bytes: int):

@@ -3,15 +3,20 @@
     python scripts/chat.py [--model=bundled:smollm2-135m-instruct] [--system "You are terse."]
         [--temperature=0.7 --top_p=0.9 --max_new_tokens=256]
 
-Commands: /reset clears the history, /quit (or Ctrl-D) exits. The whole history is re-rendered
-with the chat template and prefilled every turn.
+Commands: /reset clears the history, /quit (or Ctrl-D, or Ctrl-C at the prompt) exits. Ctrl-C
+while a reply streams stops that reply and returns to the prompt; the part shown stays in the
+history. Line editing and input history use `readline` where Python has it. The whole history
+is re-rendered with the chat template and prefilled every turn.
 """
 
 import argparse
+import contextlib
 import sys
 
 import jaxpost
 from jaxpost.generate import stream
+
+STOPPED = " [stopped]"
 
 
 def parse_args(argv=None):
@@ -29,36 +34,41 @@ def parse_args(argv=None):
 
 
 def reply(lm, history, args, turn, out=sys.stdout) -> str:
-  """Streams the assistant's reply to `out` as tokens arrive; returns its text."""
+  """Streams the assistant's reply to `out` as tokens arrive; returns the text shown. Ctrl-C
+  (KeyboardInterrupt) ends the reply early with the text shown so far."""
   tok = lm.tokenizer
   ids, shown = [], ""
-  for token in stream(lm, history, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      min_p=args.min_p, seed=args.seed + turn):
-    ids.append(token)
-    text = tok.decode(ids, skip_special_tokens=True)
-    if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-      out.write(text[len(shown):])
-      out.flush()
-      shown = text
+  tokens = stream(lm, history, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                  min_p=args.min_p, seed=args.seed + turn)
+  try:
+    with contextlib.closing(tokens):
+      for token in tokens:
+        ids.append(token)
+        text = tok.decode(ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+          out.write(text[len(shown):])
+          out.flush()
+          shown = text
+  except KeyboardInterrupt:
+    out.write(STOPPED)
   out.write("\n")
+  out.flush()
   return shown
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  lm = jaxpost.load_model(args.model, dtype=args.dtype)
-  if lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None):
-    raise SystemExit(f"{args.model}: chat needs a tokenizer with a chat template")
+def chat(lm, args, read=input, out=sys.stdout, err=sys.stderr):
+  """The chat loop: `read(prompt)` gives a user line (EOFError / KeyboardInterrupt end the
+  session), replies stream to `out`."""
   system = [{"role": "system", "content": args.system}] if args.system else []
   history = list(system)
-  print("Chat ready. /reset clears the history, /quit exits.", file=sys.stderr)
+  print("Chat ready. /reset clears the history, /quit exits; Ctrl-C stops a reply.", file=err)
   turn = 0
   while True:
     try:
-      user = input("you> ").strip()
+      user = read("you> ").strip()
     except (EOFError, KeyboardInterrupt):
-      print(file=sys.stderr)
+      print(file=err)
       return
     if user == "/quit":
       return
@@ -68,15 +78,29 @@ def main(argv=None):
     if not user:
       continue
     history.append({"role": "user", "content": user})
-    sys.stdout.write("assistant> ")
+    out.write("assistant> ")
     try:
-      text = reply(lm, history, args, turn)
+      text = reply(lm, history, args, turn, out)
     except ValueError as e:  # e.g. the history outgrew the model's context
-      print(f"\n[error] {e}  (use /reset)", file=sys.stderr)
+      print(f"\n[error] {e}  (use /reset)", file=err)
       history.pop()
       continue
     history.append({"role": "assistant", "content": text.strip()})
     turn += 1
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if sys.stdin.isatty():
+    with contextlib.suppress(ImportError):
+      import readline  # noqa: F401  (input() gains line editing and history)
+  try:
+    lm = jaxpost.load_model(args.model, dtype=args.dtype)
+  except KeyboardInterrupt:
+    raise SystemExit(130)
+  if lm.tokenizer is None or not getattr(lm.tokenizer, "chat_template", None):
+    raise SystemExit(f"{args.model}: chat needs a tokenizer with a chat template")
+  chat(lm, args)
 
 
 if __name__ == "__main__":

