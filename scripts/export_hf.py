@@ -4,7 +4,9 @@ PEFT adapter directory).
     python scripts/export_hf.py --workdir=runs/sft --out=exported/sft [--step=N] [--format=peft]
 """
 
-from absl import app, flags
+import logging
+
+from absl import app, flags, logging as absl_logging
 
 flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
 flags.DEFINE_string("out", None, "Output directory.")
@@ -16,6 +18,8 @@ flags.DEFINE_enum("format", None, ["merged", "peft"],
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax's per-restore INFO lines
+  logging.getLogger("jaxpost").setLevel(logging.INFO)
   from jaxpost.train.export import load_trained, run_lora, save_trained
   f = flags.FLAGS
   lm = load_trained(f.workdir, f.step)
