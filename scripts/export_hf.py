@@ -5,8 +5,12 @@ PEFT adapter directory).
 """
 
 import logging
+import os
+import sys
 
-from absl import app, flags, logging as absl_logging
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging as absl_logging  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
 flags.DEFINE_string("out", None, "Output directory.")
@@ -18,7 +22,7 @@ flags.DEFINE_enum("format", None, ["merged", "peft"],
 
 def main(argv):
   del argv
-  absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax's per-restore INFO lines
+  absl_logging.set_verbosity(absl_logging.ERROR)  # quiet Orbax's restore INFO/read-only lines
   logging.getLogger("jaxpost").setLevel(logging.INFO)
   from jaxpost.train.export import load_trained, run_lora, save_trained
   f = flags.FLAGS
