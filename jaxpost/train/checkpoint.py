@@ -162,5 +162,13 @@ class Checkpointer:
       log.debug("closing after a failed save: %s", err)
 
 
+def changed_inputs(saved: Optional[dict], now: dict) -> list[str]:
+  """"key: saved -> now" for each key whose value differs (nothing when `saved` is unknown)."""
+  if not saved:
+    return []
+  return [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in {**saved, **now}
+          if saved.get(k) != now.get(k)]
+
+
 def saved_config(meta: dict) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(meta["config"]))

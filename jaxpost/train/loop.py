@@ -37,7 +37,7 @@ from jaxpost.models import lora
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
-from jaxpost.train.checkpoint import Checkpointer, checkpoint_dir
+from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
 from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, progress, train_flops
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
@@ -200,11 +200,8 @@ class Trainer:
     current = getattr(self.loader, "fingerprint", None)
     if current is None or meta["data"].get("fingerprint") == current:
       return
-    saved_inputs = meta.get("data_inputs") or {}
-    now = self.loader.fingerprint_inputs
-    changes = [f"{k}: {saved_inputs.get(k)!r} -> {now.get(k)!r}" for k in {**saved_inputs, **now}
-               if saved_inputs.get(k) != now.get(k)] if saved_inputs else [
-                   f"fingerprint {meta['data'].get('fingerprint')} -> {current}"]
+    changes = changed_inputs(meta.get("data_inputs"), self.loader.fingerprint_inputs) or [
+        f"fingerprint {meta['data'].get('fingerprint')} -> {current}"]
     raise ResumeError(
         f"{self.config.workdir} holds a checkpoint (step {step}) of a run with other training "
         f"data or batch shape, so it cannot resume with this config; saved -> now: "
