@@ -4,7 +4,13 @@ PEFT adapter directory).
     python scripts/export_hf.py --workdir=runs/sft --out=exported/sft [--step=N] [--format=peft]
 """
 
-from absl import app, flags
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging as absl_logging  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "The run's workdir (holds checkpoints/).")
 flags.DEFINE_string("out", None, "Output directory.")
@@ -16,6 +22,8 @@ flags.DEFINE_enum("format", None, ["merged", "peft"],
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.ERROR)  # quiet Orbax's restore INFO/read-only lines
+  logging.getLogger("jaxpost").setLevel(logging.INFO)
   from jaxpost.train.export import load_trained, run_lora, save_trained
   f = flags.FLAGS
   lm = load_trained(f.workdir, f.step)

@@ -2,6 +2,10 @@
 
 The config is locked: an override naming a key the recipe does not define fails with the key's
 name. Equivalent to `jaxpost.train(config)` from Python.
+
+Exit status: 0 trained to max_steps (or the workdir's run was already complete: nothing ran);
+75 (EX_TEMPFAIL) preempted by SIGTERM: rerun the same command to resume (a scheduler may requeue
+on it); 1 the run failed (diverged, a checkpoint save failed, the checkpoint is for other data).
 """
 
 import logging
@@ -12,6 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+PREEMPTED = 75  # EX_TEMPFAIL: try again
 
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<name>.py[:variant]",
                                 lock_config=True)
@@ -33,11 +39,32 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # quiet Orbax's per-save INFO lines
   logging.getLogger("jaxpost").setLevel(logging.INFO)
   import jaxpost
+  from jaxpost.train import CheckpointError, NonFiniteError, ResumeError
   config = flags.FLAGS.config
-  metrics = jaxpost.train(config)
-  print(f"step {metrics['step']}: loss {metrics.get('loss', float('nan')):.4f}; run files "
+  try:
+    metrics = jaxpost.train(config)
+  except (NonFiniteError, ResumeError, CheckpointError) as err:
+    sys.exit(f"train.py: {err}")
+  sys.exit(final_line(metrics, config))
+
+
+def final_line(metrics: dict, config):
+  """Prints how the run ended; returns the exit status."""
+  step, workdir = metrics["step"], config.workdir
+  if metrics["complete"]:
+    print(f"{workdir} is already complete at step {step} (max_steps={config.max_steps}); "
+          "nothing to do. Raise max_steps to train on, or use a new workdir.")
+    return 0
+  if metrics["preempted"]:
+    saved = (f"resume with the same command (checkpoint at step {step} in {workdir})"
+             if config.checkpoint.every >= 0 else
+             "no checkpoint was saved (checkpoint.every < 0): a rerun starts over")
+    print(f"preempted at step {step}; {saved}")
+    return PREEMPTED
+  print(f"step {step}: loss {metrics.get('loss', float('nan')):.4f}; run files "
         f"(metrics.jsonl, TensorBoard events, checkpoints"
-        f"{', HF export' if config.export_hf else ''}) in {config.workdir}")
+        f"{', HF export' if config.export_hf else ''}) in {workdir}")
+  return 0
 
 
 if __name__ == "__main__":

@@ -162,6 +162,7 @@ def test_reference_cache(lm, tmp_path):
   from types import SimpleNamespace
 
   from jaxpost.data import batching
+  from jaxpost.data.loader import Stream
   from jaxpost.train.preference import add_cached_reference
   from jaxpost.train.ref_cache import RefCache
   model, _, ref = lm
@@ -173,10 +174,11 @@ def test_reference_cache(lm, tmp_path):
     records.append({"chosen_ids": np.asarray(prompt + c), "rejected_ids": np.asarray(prompt + r),
                     "chosen_mask": np.asarray([0] * 3 + [1] * len(c)),
                     "rejected_mask": np.asarray([0] * 3 + [1] * 5), "margin": np.nan})
+  stream = Stream([np.arange(5)], [1.0], seed=0, shuffle=True)
   loader = SimpleNamespace(table=SimpleNamespace(records=records), batch_size=2, buckets=(8, 16),
-                           pad_id=0, fingerprint="data")
+                           pad_id=0, fingerprint="data", stream=stream)
   score = jax.jit(lambda b: reference_logps(model, ref, b))
-  cache = RefCache.build(score, loader, str(tmp_path), "ref")
+  cache = RefCache.build(score, loader, str(tmp_path), "ref", draws=10)  # 2 epochs: all 5
   assert len(cache.table) == 5 and len(list((tmp_path / "ref_logps").glob("*.npz"))) == 1
   # A training batch with other rows, order and padding finds the same values.
   batch = batching.preference_batch([records[3], records[0]], (16,), 0)
@@ -188,7 +190,7 @@ def test_reference_cache(lm, tmp_path):
   # A rerun reads the file instead of scoring again.
   def no_scoring(batch):
     raise AssertionError("scored again")
-  again = RefCache.build(no_scoring, loader, str(tmp_path), "ref")
+  again = RefCache.build(no_scoring, loader, str(tmp_path), "ref", draws=10)
   assert again.table.keys() == cache.table.keys()
   plain = next(add_cached_reference(None, {}, batch, LossContext(model, None)))
   assert "ref_chosen_logps" not in plain

@@ -5,6 +5,9 @@ Keys (override any with --config.<key>=<value>; unknown keys fail):
   workdir              checkpoints/, metrics.jsonl, tensorboard/ (a restart resumes from it)
   seed, max_steps, batch_size (global rows/pairs per optimiser step), grad_accum (microbatches)
   log_every, eval_every (0: only before/after), eval_steps (eval batches), eval_at_start
+  max_update_ratio     stop, without saving the step, when ||update|| > max_update_ratio x
+                       ||params|| (a blow-up; 0: off); non-finite loss, gradient, update or
+                       parameters always stop
   logprob_chunk_size   positions per row in one chunk of the chunked LM head / log-probs (fp32
                        [B x chunk, vocab] logits alive at once); only chunks holding loss_mask
                        targets are computed
@@ -46,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.eval_steps = 4
   c.eval_at_start = True
+  c.max_update_ratio = 1.0
   c.logprob_chunk_size = 32
   c.export_hf = ""
 

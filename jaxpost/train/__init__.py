@@ -5,9 +5,10 @@
 
 from jaxpost._callable_module import make_callable
 from jaxpost.train.algorithms import Algorithm, LossContext, SetupContext, get, register
-from jaxpost.train.loop import NonFiniteError, train
+from jaxpost.train.checkpoint import CheckpointError
+from jaxpost.train.loop import NonFiniteError, ResumeError, train
 
 make_callable(__name__, "train")  # jaxpost.train(config) runs the loop
 
-__all__ = ["Algorithm", "LossContext", "NonFiniteError", "SetupContext", "get", "register",
-           "train"]
+__all__ = ["Algorithm", "CheckpointError", "LossContext", "NonFiniteError", "ResumeError",
+           "SetupContext", "get", "register", "train"]

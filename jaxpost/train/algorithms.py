@@ -74,12 +74,14 @@ class LossContext:
 
 @dataclasses.dataclass(frozen=True)
 class SetupContext:
-  """What `prepare_frozen` receives: the run config, the loaded policy and a sharded loader.
+  """What `prepare_frozen` receives: the run config, the loaded policy, a loader of other
+  models and the run's train loader (its tokenised table and stream, e.g. to precompute over).
   With `lora`, `policy.params` are the frozen base weights (not donated; the adapters train)."""
   config: Any
   policy: Any
   load: Callable[..., Any]
   lora: bool = False
+  train_loader: Any = None
 
 
 # frozen[LORA_BASE] holds the frozen base weights of a LoRA run; the trainable `params` are the

@@ -10,6 +10,7 @@ optionally as a PEFT adapter directory.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,8 @@ from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import (abstract_like, abstract_train_state, create_train_state,
                                  load_sharded, model_config)
 from jaxpost.hf import build_module
+
+log = logging.getLogger("jaxpost.train")
 
 
 def gather_to_host(params, mesh):
@@ -50,6 +53,7 @@ def save_trained(lm: LoadedModel, lora: Optional[LoraSpec], out_dir, fmt: Option
   """`fmt` "merged" (default without LoRA) writes an HF model; "peft" (LoRA only) writes
   adapter_config.json + adapter_model.safetensors for the base model `lm` was trained from."""
   fmt = fmt or (lora.export if lora is not None else "merged")
+  log.info("export: writing %s (%s) to %s", lm.source, fmt, out_dir)
   if fmt == "merged":
     return save_model(lm, str(out_dir))
   if lora is None:
@@ -90,6 +94,7 @@ def load_trained(workdir, step: Optional[int] = None) -> LoadedModel:
   """The policy of a run's checkpoint (`step` or the latest) on the local devices. A LoRA
   policy holds base + adapters (`save_trained` merges them or writes PEFT)."""
   ckpt, step, config = _open(workdir, step)
+  log.info("export: restoring step %d from %s", step, ckpt.directory)
   head = algorithms.get(config.algorithm).head
   lora = LoraSpec.from_config(config)
   mesh = sh.build_mesh({"data": -1, "fsdp": 1, "tensor": 1})

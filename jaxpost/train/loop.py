@@ -1,16 +1,21 @@
 """The one training loop. `train(config)` runs, for any registered algorithm:
 
-    distributed init -> mesh -> policy (+ frozen trees) -> sharded state -> resume if possible
+    distributed init -> (a run already at max_steps: return `complete`) -> mesh -> policy
+    -> loaders -> frozen trees -> sharded state -> resume from the newest usable checkpoint
     -> repeat: next batch -> [collect] -> jitted step
-               every log_every: fetch device metrics, check finiteness, write a record
+               every log_every: fetch device metrics, check them and the last async save,
+                                write a record
                every eval_every: eval loss (+ perplexity) on `eval_steps` batches of data.eval
                every checkpoint.every and at the end: async checkpoint (state, data position)
     -> optional HF export
 
 No host sync happens between log boundaries: step metrics stay on device until the next flush.
-A non-finite loss or gradient norm raises `NonFiniteError` naming the step at the next flush;
-flushes precede every checkpoint, so such a state is never saved. SIGTERM finishes the current
-step, saves and returns.
+A step whose loss, gradient, update or new parameters are non-finite, or whose update is a
+blow-up (||update|| > max_update_ratio * ||params||), raises `NonFiniteError` naming the step at
+the next flush; flushes precede every checkpoint, so such a state is never saved. SIGTERM
+finishes the current step, saves (unless checkpoint.every < 0) and returns `preempted=True`.
+Resuming needs the same data stream: a checkpoint saved for other data, seed or batch size
+raises `ResumeError` naming what differs.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import signal
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -31,8 +37,8 @@ from jaxpost.models import lora
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
-from jaxpost.train.checkpoint import Checkpointer
-from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, train_flops
+from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
+from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, progress, train_flops
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import format_report, task_report
@@ -42,13 +48,24 @@ log = logging.getLogger("jaxpost.train")
 
 
 class NonFiniteError(FloatingPointError):
-  """The loss or gradient norm became NaN/Inf; raised at the next log or checkpoint boundary."""
+  """A step went non-finite or blew up; raised at the next log or checkpoint boundary."""
+
+
+class ResumeError(ValueError):
+  """The workdir's checkpoint cannot continue this run (other data, seed or batch shape)."""
 
 
 def train(config, train_loader=None, eval_loader=None) -> dict:
   """Trains per `config` (see configs/base.py); returns the final metrics (last logged train
-  record, `eval/*` of the final eval, `step`). Loaders default to `data.train` / `data.eval`."""
+  record, `eval/*` of the final eval, `step`, `preempted`: stopped by SIGTERM, `complete`: the
+  workdir already held a checkpoint at max_steps, so nothing ran). Loaders default to
+  `data.train` / `data.eval`."""
   initialize_distributed(config.distributed)
+  done = completed_step(config)
+  if done is not None:
+    log.info("%s is complete: checkpoint at step %d >= max_steps=%d; nothing to do",
+             config.workdir, done, config.max_steps)
+    return {"step": done, "complete": True, "preempted": False}
   algorithm = algorithms.get(config.algorithm)
   mesh = sh.build_mesh(config.mesh)
   rules = sh.rules_of(config.mesh)
@@ -69,6 +86,24 @@ def initialize_distributed(dist_cfg):
         coordinator_address=dist_cfg.coordinator_address or None,
         num_processes=dist_cfg.num_processes if dist_cfg.num_processes > 0 else None,
         process_id=dist_cfg.process_id if dist_cfg.process_id >= 0 else None)
+
+
+def completed_step(config) -> Optional[int]:
+  """The step of the workdir's latest checkpoint if it is >= max_steps (meta readable), else
+  None."""
+  if not checkpoint_dir(config.workdir).is_dir():
+    return None
+  ckpt = Checkpointer(config.workdir, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    if step is None or step < config.max_steps:
+      return None
+    ckpt.restore_meta(step)
+    return step
+  except Exception:  # pylint: disable=broad-except  # unreadable: the resume path falls back
+    return None
+  finally:
+    ckpt.close()
 
 
 def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str):
@@ -95,8 +130,10 @@ class Trainer:
     self.lora = LoraSpec.from_config(config)
     self.policy = load(head=algorithm.head, seed=config.seed, lora=self.lora)
     trainable, base = self._split_trainable()
+    self._build_loaders(train_loader, eval_loader)
     self.frozen, modules = algorithm.prepare_frozen(algorithms.SetupContext(
-        config, dataclasses.replace(self.policy, params=base), load, self.lora is not None))
+        config, dataclasses.replace(self.policy, params=base), load, self.lora is not None,
+        self.loader))
     if self.lora is not None:
       self.frozen[algorithms.LORA_BASE] = base
     tx, schedule = build_optimizer(config.optimizer, config.max_steps)
@@ -104,7 +141,6 @@ class Trainer:
     self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
     self.ctx = algorithms.LossContext(self.policy.model, config, True, modules)
     self._jit_steps(tx, schedule, state_sh)
-    self._build_loaders(train_loader, eval_loader)
     self.ckpt = Checkpointer(config.workdir, config.checkpoint.keep, config.checkpoint.async_save)
     self.start_step = self._maybe_resume(state_sh)
     self.stop_requested = False
@@ -149,13 +185,28 @@ class Trainer:
     self._eval_start = eval_loader.state() if eval_loader is not None else None
 
   def _maybe_resume(self, state_sh) -> int:
-    latest = self.ckpt.latest_step()
-    if latest is None:
+    restored = self.ckpt.restore_newest(abstract_like(self.state, state_sh))
+    if restored is None:
       return 0
-    self.state, data_state, _ = self.ckpt.restore(latest, abstract_like(self.state, state_sh))
-    self.loader.restore(data_state)
-    log.info("Resumed from %s at step %d", self.ckpt.manager.directory, latest)
+    step, self.state, meta = restored
+    self._check_same_stream(step, meta)
+    self.loader.restore(meta["data"])
+    log.info("Resumed from %s at step %d", self.ckpt.directory, step)
     return int(jax.device_get(self.state.step))
+
+  def _check_same_stream(self, step: int, meta: dict):
+    """`ResumeError` naming what differs when the checkpoint's data position was saved for a
+    loader with another fingerprint (data, order or batch shape)."""
+    current = getattr(self.loader, "fingerprint", None)
+    if current is None or meta["data"].get("fingerprint") == current:
+      return
+    changes = changed_inputs(meta.get("data_inputs"), self.loader.fingerprint_inputs) or [
+        f"fingerprint {meta['data'].get('fingerprint')} -> {current}"]
+    raise ResumeError(
+        f"{self.config.workdir} holds a checkpoint (step {step}) of a run with other training "
+        f"data or batch shape, so it cannot resume with this config; saved -> now: "
+        f"{'; '.join(changes)}. Use a new workdir (--config.workdir=...) for these settings, "
+        f"or the old settings to resume.")
 
   def _global(self, batch: dict) -> dict:
     return sh.global_batch(batch, self._batch_sharding, jax.process_count())
@@ -179,6 +230,7 @@ class Trainer:
     try:
       if cfg.eval_at_start and step == 0:
         evals["before"] = self._evaluate_all(step)
+      self.writer.start_progress()
       self.window_start = time.perf_counter()
       batches = self._batches()
       while step < cfg.max_steps and not self.stop_requested:
@@ -206,7 +258,6 @@ class Trainer:
       self.writer.close()
       for loader in (self.loader, self.eval_loader):
         getattr(loader, "close", lambda: None)()
-      self.ckpt.wait()
       self.ckpt.close()
     return self._summary(step, evals)
 
@@ -222,7 +273,9 @@ class Trainer:
     if save or self.stop_requested:
       self._save(step)
     if self.stop_requested:
-      log.warning("SIGTERM: saved a checkpoint at step %d; stopping", step)
+      saved = "saved a checkpoint" if self._checkpointing(step) else (
+          "no checkpoint saved (checkpoint.every < 0), a rerun starts over")
+      log.warning("SIGTERM at step %d: %s; stopping", step, saved)
 
   def _flush(self, step: int):
     """Fetches pending metrics, stops on a non-finite step, writes the averaged record."""
@@ -230,12 +283,9 @@ class Trainer:
       return
     fetched = jax.device_get([m for _, m, _, _ in self.pending])
     elapsed = time.perf_counter() - self.window_start
+    self.ckpt.check()
     for (s, _, _, _), m in zip(self.pending, fetched):
-      if not m["finite"]:
-        raise NonFiniteError(
-            f"Non-finite loss or gradient at step {s} (loss={m['loss']}, "
-            f"grad_norm={m['grad_norm']}); stopping without checkpointing it. Last checkpoint: "
-            f"step {self.ckpt.latest_step()} in {self.ckpt.manager.directory}")
+      self._check_step(s, m)
     record = {k: float(np.mean([m[k] for m in fetched]))
               for k in fetched[0] if k not in ("finite", "tokens")}
     record["learning_rate"] = float(fetched[-1]["learning_rate"])
@@ -254,6 +304,20 @@ class Trainer:
     self.pending = []
     self.window_start = time.perf_counter()
 
+  def _check_step(self, step: int, m: dict):
+    """`NonFiniteError` if step `step` went non-finite or its update blew up."""
+    ratio = self.config.get("max_update_ratio", 0.0)
+    exploded = ratio > 0 and m["update_norm"] > ratio * m["param_norm"]
+    if m["finite"] and not exploded:
+      return
+    what = (f"update_norm {m['update_norm']:.4g} > max_update_ratio={ratio} x param_norm "
+            f"{m['param_norm']:.4g}" if m["finite"] else "non-finite values")
+    raise NonFiniteError(
+        f"Training diverged at step {step} ({what}; loss={m['loss']}, grad_norm="
+        f"{m['grad_norm']}, update_norm={m['update_norm']}, param_norm={m['param_norm']}); "
+        f"stopping without checkpointing it. Last checkpoint: step {self.ckpt.latest_step()} in "
+        f"{self.ckpt.directory}")
+
   def _throughput(self, timed, elapsed: float) -> dict:
     """step_time, tokens_per_sec (real tokens) and MFU over the timed steps of a window."""
     tokens = sum(float(m["tokens"]) for m, _ in timed)
@@ -266,10 +330,12 @@ class Trainer:
     """Weighted mean of the loss and metrics over `eval_steps` eval batches (same batches each
     time), logged as eval/<name>."""
     self.eval_loader.restore(self._eval_start)
-    batches = iter(self.eval_loader)
-    results = [self.eval_step(self.state.params, self.frozen, self._global(next(batches)))
-               for _ in range(self.config.eval_steps)]
-    results = jax.device_get(results)
+    batches, n, start = iter(self.eval_loader), self.config.eval_steps, time.perf_counter()
+    results = [jax.device_get(self.eval_step(self.state.params, self.frozen,
+                                             self._global(next(batches))))
+               for _ in progress(range(n), n, f"eval @ step {step}",
+                                 self.config.metrics.progress_bar)]
+    log.info("eval at step %d: %d batches in %.1fs", step, n, time.perf_counter() - start)
     weights = np.array([w for _, w in results], np.float64)
     total = weights.sum() or 1.0
     metrics = {k: float(sum(w * m[k] for (m, _), w in zip(results, weights)) / total)
@@ -290,10 +356,14 @@ class Trainer:
       self.writer.write(step, task)
     return {**record, **task}
 
+  def _checkpointing(self, step: int) -> bool:
+    return self.config.checkpoint.every >= 0 and step > 0
+
   def _save(self, step: int):
     """Saves unless checkpointing is off (checkpoint.every < 0); always after a flush."""
-    if self.config.checkpoint.every >= 0 and step > 0:
-      self.ckpt.save(step, self.state, self.loader.state(), self.config)
+    if self._checkpointing(step):
+      self.ckpt.save(step, self.state, self.loader.state(), self.config,
+                     getattr(self.loader, "fingerprint_inputs", None))
 
   def _install_sigterm(self):
     if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
@@ -307,7 +377,10 @@ class Trainer:
 
   def _export(self, out_dir: Path):
     from jaxpost.train.export import export_trained
+    start = time.perf_counter()
+    log.info("export: writing the trained model to %s", out_dir)
     export_trained(self.policy, self.state.params, self.frozen, self.mesh, out_dir, self.lora)
+    log.info("export: done in %.1fs", time.perf_counter() - start)
 
   def _summary(self, step: int, evals: dict) -> dict:
     out = {"step": step, **self.last, **self.last_eval}
@@ -317,5 +390,5 @@ class Trainer:
       table = format_report(evals["before"], out, step)
       if jax.process_index() == 0 and table:
         print(f"Before/after training (held-out split):\n{table}")
-    out["preempted"] = self.stop_requested
+    out["preempted"], out["complete"] = self.stop_requested, False
     return out

@@ -59,24 +59,34 @@ def train_flops(cfg, batch: dict, weight_grads: bool = True) -> float:
 
 class MetricsWriter:
   """Writes workdir/metrics.jsonl, TensorBoard events and (if enabled and installed) W&B, on
-  process 0 only; other processes get a no-op writer."""
+  process 0 only; other processes get a no-op writer.
+
+  A run resumed at step S > 0 first drops the metrics.jsonl records past S (steps a killed run
+  logged after its last checkpoint, which the resumed run logs again) and opens TensorBoard with
+  `purge_step=S + 1`, which hides the old events from step S + 1 on; a run starting at step 0
+  drops every earlier record. The step progress bar starts at `start_progress()` (after the
+  pre-training eval), so its rate is training steps only."""
 
   def __init__(self, config, workdir: Path, total_steps: int, initial_step: int):
     self.active = jax.process_index() == 0
     self._tb = self._wandb = self._bar = None
+    self._bar_args = dict(total=total_steps, initial=initial_step, desc=config.algorithm)
+    self._show_bar = bool(config.metrics.progress_bar)
     if not self.active:
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    self._jsonl = open(workdir / "metrics.jsonl", "a")
+    keep_until = initial_step if initial_step > 0 else -1
+    self._jsonl = _open_truncated(workdir / "metrics.jsonl", keep_until)
     if config.metrics.tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(str(workdir / "tensorboard"))
+      self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=keep_until + 1)
     if config.metrics.wandb:
       self._wandb = _start_wandb(config)
-    if config.metrics.progress_bar:
+
+  def start_progress(self):
+    if self.active and self._show_bar and self._bar is None:
       from tqdm import tqdm
-      self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True,
-                       desc=config.algorithm)
+      self._bar = tqdm(dynamic_ncols=True, **self._bar_args)
 
   def write(self, step: int, metrics: dict):
     if not self.active:
@@ -107,6 +117,32 @@ class MetricsWriter:
         handle.close()
     if self._wandb is not None:
       self._wandb.finish()
+
+
+def _open_truncated(path: Path, keep_until: int):
+  """`path` opened for appending, after dropping its records with step > keep_until."""
+  if path.exists():
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= keep_until]
+    if len(kept) < len(lines):
+      path.write_text("".join(kept))
+  return open(path, "a")
+
+
+def _record_step(line: str) -> float:
+  """The step of a metrics.jsonl line; inf for a torn last line (written while killed)."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return math.inf
+
+
+def progress(items, total: int, desc: str, enabled: bool):
+  """`items` with a transient tqdm bar on process 0 when `enabled`, else as they are."""
+  if not enabled or jax.process_index() != 0:
+    return items
+  from tqdm import tqdm
+  return tqdm(items, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def _jsonable(value):

@@ -175,7 +175,6 @@ def reference_model(ctx: SetupContext):
 
 
 def _reference_cache(ctx: SetupContext, module, params, name: str):
-  from jaxpost.train.loop import make_loader  # the loop imports this module's registry
   from jaxpost.train.ref_cache import RefCache
   config = ctx.config
   if config.algorithm != "dpo" or jax.process_count() > 1:
@@ -184,10 +183,10 @@ def _reference_cache(ctx: SetupContext, module, params, name: str):
                      "processes)")
   chunk = _chunk(config)
   score = jax.jit(lambda p, b: reference_logps(module, p, b, chunk))
-  loader = make_loader(config, ctx.policy.tokenizer, ctx.policy.config.vocab_size, "preference",
-                       "train")
   identity = f"{name or config.model.name_or_path}|{config.model.dtype}|{chunk}"
-  return RefCache.build(lambda batch: score(params, batch), loader, config.workdir, identity)
+  return RefCache.build(lambda batch: score(params, batch), ctx.train_loader, config.workdir,
+                        identity, draws=config.max_steps * config.batch_size,
+                        show_progress=config.metrics.progress_bar)
 
 
 def add_cached_reference(state, frozen, batch, ctx):

@@ -1,13 +1,16 @@
 """Reference log-probs computed once over the dataset and cached in the workdir (DPO,
 `config.precompute_ref=True`).
 
-Every tokenised pair of the train loader's table is scored once by the frozen reference, in
-batches built exactly like training batches, and stored under a content key of the pair (its
-chosen and rejected token ids and loss masks) in `workdir/ref_logps/<fingerprint>.npz`; a rerun
-with the same reference, data and tokenisation reuses the file. During training the collect phase
+The pairs the run will draw (the first `max_steps x batch_size` positions of the train loader's
+stream, each distinct pair once, from the loader's already tokenised table) are scored once by the
+frozen reference, in batches built exactly like training batches, and stored under a content key
+of the pair (its chosen and rejected token ids and loss masks) in
+`workdir/ref_logps/<fingerprint>.npz`; a rerun with the same reference, data and tokenisation
+reuses the file. During training the collect phase
 looks each row up and adds `ref_chosen_logps` / `ref_rejected_logps` to the batch, which the DPO
 loss prefers over a reference forward (jaxpost/train/preference.py), so steps skip that forward.
-Rows missing from the cache (none, unless the data changed under the run) are scored on the fly.
+Rows missing from the cache (none, unless max_steps was raised or the data changed under the run)
+are scored on the fly.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxpost.data import batching
+from jaxpost.train.metrics import progress
 
 log = logging.getLogger("jaxpost.train")
 
@@ -48,9 +52,11 @@ class RefCache:
     self.table, self.score = table, score
 
   @classmethod
-  def build(cls, score, loader, workdir: str, identity: str):
-    """Scores every pair of `loader.table` with `score(batch) -> (ref_chosen, ref_rejected)`, or
-    loads the cache file of an earlier run with the same `identity` (reference + settings)."""
+  def build(cls, score, loader, workdir: str, identity: str, draws: int,
+            show_progress: bool = False):
+    """Scores the pairs of `loader`'s first `draws` stream positions with `score(batch) ->
+    (ref_chosen, ref_rejected)`, or loads the cache file of an earlier run with the same
+    `identity` (reference + settings) and loader fingerprint."""
     scorer = lambda batch: [np.asarray(x) for x in score(batch)]
     fingerprint = hashlib.sha1(f"{identity}|{loader.fingerprint}".encode())
     path = Path(workdir) / "ref_logps" / f"{fingerprint.hexdigest()[:16]}.npz"
@@ -59,13 +65,7 @@ class RefCache:
       table = dict(zip(saved["keys"].tolist(), saved["values"].tolist()))
       log.info("Reference log-probs: %d pairs from %s", len(table), path)
       return cls(table, scorer)
-    table = {}
-    records, size = loader.table.records, loader.batch_size
-    for start in range(0, len(records), size):
-      chunk = records[start:start + size]
-      chunk = chunk + chunk[:1] * (size - len(chunk))  # a static batch size: pad by repeating
-      batch = batching.preference_batch(chunk, loader.buckets, loader.pad_id)
-      table.update(zip(pair_keys(batch), zip(*scorer(batch))))
+    table = _score_pairs(scorer, loader, _drawn_ids(loader, draws), show_progress)
     if jax.process_index() == 0:
       path.parent.mkdir(parents=True, exist_ok=True)
       np.savez(path, keys=np.asarray(list(table)), values=np.asarray(list(table.values())))
@@ -79,3 +79,22 @@ class RefCache:
       self.table.update(zip(keys, zip(*self.score(batch))))
     values = np.asarray([self.table[k] for k in keys], np.float32)
     return {**batch, "ref_chosen_logps": values[:, 0], "ref_rejected_logps": values[:, 1]}
+
+
+def _drawn_ids(loader, draws: int) -> list[int]:
+  """The distinct example ids at stream positions [0, draws), in first-drawn order."""
+  return list(dict.fromkeys(loader.stream.take(0, draws)))
+
+
+def _score_pairs(scorer, loader, ids: list[int], show_progress: bool) -> dict:
+  """Content key -> (ref_chosen, ref_rejected) for the table records `ids`, a batch at a time."""
+  records, size = loader.table.records, loader.batch_size
+  starts = range(0, len(ids), size)
+  log.info("Reference log-probs: scoring %d distinct pairs in %d batches", len(ids), len(starts))
+  table = {}
+  for start in progress(starts, len(starts), "reference log-probs", show_progress):
+    chunk = [records[i] for i in ids[start:start + size]]
+    chunk = chunk + chunk[:1] * (size - len(chunk))  # a static batch size: pad by repeating
+    batch = batching.preference_batch(chunk, loader.buckets, loader.pad_id)
+    table.update(zip(pair_keys(batch), zip(*scorer(batch))))
+  return table

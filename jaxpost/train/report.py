@@ -10,8 +10,12 @@ and scores them with the task's verifier:
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import numpy as np
+
+log = logging.getLogger("jaxpost.train")
 
 HEADLINE = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/accuracy",
             "task/accuracy", "task/concise")
@@ -26,10 +30,15 @@ def task_report(policy, params, config) -> dict:
     return {}
   rows = task_rows(report.task, "eval", "prompt")[:report.examples]
   prompts = [r["prompt"] for r in rows]
+  log.info("task report: greedy answers to %d held-out %r prompts (up to %d new tokens)...",
+           len(prompts), report.task, report.max_new_tokens)
+  start = time.perf_counter()
   out = generate(dataclasses.replace(policy, params=params), prompts,
                  max_new_tokens=report.max_new_tokens)
   correct = reward_fn(report.task)(prompts, out.texts, rows)
   concise = reward_fn(report.task, format_weight=1.0)(prompts, out.texts, rows) - correct
+  log.info("task report: accuracy %.3f on %d prompts in %.1fs", float(np.mean(correct)),
+           len(prompts), time.perf_counter() - start)
   return {"task/accuracy": float(np.mean(correct)), "task/concise": float(np.mean(concise))}
 
 

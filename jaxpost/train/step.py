@@ -8,8 +8,9 @@ j mod A, so every device holds rows of every microbatch) and reduced by a `lax.s
 with w_i = `algorithm.weight_fn(microbatch_i)`. When loss_i is a mean over w_i units this equals
 the gradient of the loss of the whole batch, so 4 x 2 accumulation matches 1 x 8 exactly (up to
 float reordering). The optimiser then applies one update. The step never syncs with the host:
-it returns device scalars, including `finite` (loss and gradient norm are finite) which the loop
-checks at every log boundary and before every checkpoint. With LoRA, `state.params` are the
+it returns device scalars, including `update_norm` = ||new params - params||, `param_norm` =
+||new params|| and `finite` (loss, gradient, update and parameter norms are all finite), which
+the loop checks at every log boundary and before every checkpoint. With LoRA, `state.params` are the
 adapters and the loss applies `frozen["lora_base"]` + adapters; gradients (and so the optimiser)
 exist for the adapters only.
 """
@@ -92,11 +93,14 @@ def make_train_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_s
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    norms = {"grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
+             "param_norm": optax.tree.norm(params)}
+    finite = jnp.isfinite(metrics["loss"])
+    for norm in norms.values():
+      finite &= jnp.isfinite(norm)
     metrics.update(
-        grad_norm=grad_norm,
-        learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
-        tokens=num_tokens(batch),
-        finite=(jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)).astype(jnp.float32))
+        norms, learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
+        tokens=num_tokens(batch), finite=finite.astype(jnp.float32))
     return TrainState(state.step + 1, params, opt_state, rng), metrics
 
   return step
