@@ -51,7 +51,7 @@ def test_rm_cli_takes_a_data_file(tmp_path):
       [sys.executable, "scripts/train.py", "--config=configs/rm.py:tiny",
        f"--config.data.train={path}", f"--config.workdir={tmp_path / 'run'}",
        "--config.max_steps=2", "--config.batch_size=4", "--config.eval_at_start=False",
-       "--config.eval_steps=1", "--config.checkpoint.every=-1",
+       "--config.data.eval=", "--config.checkpoint.every=-1",
        "--config.metrics.progress_bar=False", "--config.metrics.tensorboard=False",
        f"--config.data.cache_dir={tmp_path / 'cache'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)

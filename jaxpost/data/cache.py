@@ -122,7 +122,8 @@ def save_table(path: Path, table) -> None:
     os.replace(tmp, path)
     log.info("tokenised table cached at %s", path)
   except (OSError, TypeError, ValueError) as e:
-    tmp.unlink(missing_ok=True)
+    if tmp.is_file():
+      tmp.unlink()
     log.warning("could not write the tokenisation cache %s (%s); continuing without it", path, e)
 
 
@@ -142,7 +143,7 @@ def load_table(path: Path):
           lengths = z[f"{name}.lengths"]
           columns[name] = np.split(z[f"{name}.data"], np.cumsum(lengths)[:-1])
         else:
-          columns[name] = z[name].tolist()
+          columns[name] = list(z[name])  # numpy scalars of the saved dtype
     n = sum(meta["source_sizes"])
     if any(len(v) != n for v in columns.values()):
       raise ValueError("field lengths differ")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import io
 import json
 import logging
 import lzma
@@ -168,27 +167,33 @@ def _skip_space(text: str, i: int) -> int:
 
 
 def read_csv(path: Path, compression: Optional[str] = None) -> Iterator[tuple[Place, Any]]:
-  """Rows of a CSV file with a header line; every value a string as written."""
-  opener = OPENERS.get(compression, open)
-  with opener(path, "rb") as f:
-    reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
-    while True:
-      try:
-        row = next(reader)
-      except StopIteration:
+  """Rows of a CSV file with a header line; every value a string as written. A non-UTF-8 line
+  raises (a CSV record may span lines, so it cannot be skipped alone)."""
+  reader = csv.DictReader(_strict_lines(path, compression))
+  try:
+    header = reader.fieldnames
+    while header is not None:
+      start = reader.line_num + 1  # a quoted value may span lines: the record's first line
+      row = next(reader, None)
+      if row is None:
         return
-      except UnicodeDecodeError as e:
-        raise DataError("bad_encoding", f"is not valid UTF-8 ({e.reason}); CSV files are read "
-                        "as UTF-8").at(str(path), reader.line_num + 1, "line") from e
-      except (OSError, EOFError, lzma.LZMAError, csv.Error) as e:
-        raise DataError("unreadable_file", f"cannot be read as CSV: {e}").at(
-            str(path), reader.line_num + 1, "line") from e
-      place = Place(str(path), reader.line_num, "line")
+      place = Place(str(path), start, "line")
       if None in row:
-        yield place, DataError("bad_row", f"has {len(reader.fieldnames) + len(row[None])} "
-                               f"fields, the header {len(reader.fieldnames)}").at(*place)
+        yield place, DataError("bad_row", f"has {len(header) + len(row[None])} fields, the "
+                               f"header {len(header)}").at(*place)
       else:
         yield place, row
+  except csv.Error as e:
+    raise DataError("unreadable_file", f"cannot be read as CSV: {e}").at(
+        str(path), reader.line_num, "line") from e
+
+
+def _strict_lines(path: Path, compression: Optional[str]) -> Iterator[str]:
+  for number, raw in _lines(path, compression):
+    text = _decode(raw, number, path)
+    if isinstance(text, DataError):
+      raise text
+    yield text
 
 
 TEXT_READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv}
