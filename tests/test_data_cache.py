@@ -126,3 +126,12 @@ def test_default_location_is_under_jaxpost_cache(tok, tmp_path, data, monkeypatc
   monkeypatch.setenv("JAXPOST_CACHE", str(tmp_path / "jc"))
   _build(tok, str(data), "")
   assert len(_files(tmp_path / "jc" / "tokenized")) == 1
+
+
+def test_tokenising_reports_progress_without_a_terminal(tok, tmp_path, data, caplog, monkeypatch):
+  from jaxpost.data import table
+  monkeypatch.setattr(table, "PROGRESS_LINES_FROM", 4)  # pytest's stderr is not a terminal
+  with caplog.at_level("INFO", logger="jaxpost.data.table"):
+    _build(tok, str(data), tmp_path / "c")
+  assert "tokenising 8 rows" in caplog.text and "tokenised 4 / 8 rows" in caplog.text
+  assert "tokenised 8 / 8 rows" in caplog.text

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 ALWAYS_DROPPED = ("no_trainable_tokens",)  # a consequence of the limits, not bad input
 CUT_BY_LIMITS = ("no_trainable_tokens", "prompt_too_long")
 TRUNCATION_WARNING = 0.5
+PROGRESS_LINES_FROM = 1000  # rows between counted log lines when there is no progress bar
 
 
 @dataclasses.dataclass
@@ -66,18 +67,24 @@ def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict) -> T
 
 def tokenize_sources(specs, sources, ct: ChatTokenizer, kind: str, split: str,
                      cfg: dict) -> Table:
-  """Normalises and tokenises the rows of each source (a progress bar on a terminal)."""
+  """Normalises and tokenises the rows of each source (a progress bar on a terminal, else a
+  log line every tenth of the rows, at least PROGRESS_LINES_FROM apart)."""
   lim, table = limits(cfg), Table()
   dropped, counts, per_source = collections.Counter(), collections.Counter(), {}
   total, started = sum(len(rows) for rows in sources), time.perf_counter()
   log.info("data[%s/%s]: tokenising %d rows", split, kind, total)
   bar = tqdm.tqdm(total=total, desc=f"tokenising {split}", unit="row", disable=None,
                   mininterval=1.0, leave=False)
+  every = max(total // 10, PROGRESS_LINES_FROM) if bar.disable else 0  # no terminal: log lines
+  done = 0
   for spec, rows in zip(specs, sources):
     start = len(table.records)
     columns = {**(cfg["columns"] or {}), **(spec.columns or {})}
     for place, row in rows:
       bar.update()
+      done += 1
+      if every and done % every == 0:
+        log.info("data[%s/%s]: tokenised %d / %d rows", split, kind, done, total)
       for rec, ex in _row_records(row, place, ct, kind, lim, columns, cfg, dropped):
         _count(rec, counts)
         table.records.append(rec)
