@@ -72,7 +72,8 @@ def test_margin_column_is_read_and_checked():
   row = {"prompt": "p", "chosen": "a", "rejected": "b", "margin": 2}
   assert normalize_row(row, "preference")[0]["margin"] == 2.0
   assert normalize_row({**row, "margin": None}, "preference")[0]["margin"] is None
-  for bad in ("2", True, float("nan")):
+  assert normalize_row({**row, "margin": " -0.5"}, "preference")[0]["margin"] == -0.5  # CSV
+  for bad in ("two", True, float("nan"), "inf", [1]):
     with pytest.raises(DataError, match=r"column 'margin'.*\[bad_margin\]"):
       normalize_row({**row, "margin": bad}, "preference")
 

@@ -6,6 +6,7 @@ import json
 import lzma
 
 import datasets
+import numpy as np
 import pytest
 
 from jaxpost.data import DataError, build_loader, data_defaults
@@ -49,7 +50,8 @@ def test_numeric_looking_strings_stay_strings(tmp_path):
 
 def test_mixed_types_blame_the_bad_line_and_keep_the_good(tok, tmp_path):
   rows = [{"messages": [U("12"), A("13")]}, {"messages": [U("1"), A(2)]},
-          {"prompt": "What is 2+2?", "completion": "4"}, {"prompt": [U("hi")], "completion": [A("42")]}]
+          {"prompt": "What is 2+2?", "completion": "4"},
+          {"prompt": [U("hi")], "completion": [A("42")]}]
   path = _jsonl(tmp_path / "mixed.jsonl", rows)
   with pytest.raises(DataError, match=r"mixed.jsonl line 2, column 'messages': message 1 "
                      r"\(assistant\) content is int"):
@@ -136,3 +138,14 @@ def test_missing_path_says_no_such_file(tmp_path, monkeypatch, src):
 
 def test_hub_ids_are_not_paths():
   assert not looks_like_path("Anthropic/hh-rlhf") and not looks_like_path("imdb")
+
+
+def test_csv_numbers_are_read_by_the_columns_that_hold_them(tok, tmp_path):
+  path = tmp_path / "d.csv"
+  path.write_text("prompt,completion,label\nWhat is 1+1?,2,true\nWhat is 1+1?,3,0\n")
+  loader = _loader(tok, str(path), tmp_path, kind="unpaired")
+  assert [r["label"] for r in loader.table.records] == [1, 0]
+  path.write_text("prompt,chosen,rejected,margin\nWhat is 1+1?,2,3,1.5\nQ,007,7,\n")
+  loader = _loader(tok, str(path), tmp_path, kind="preference")
+  np.testing.assert_array_equal([r["margin"] for r in loader.table.records],
+                                np.float32([1.5, np.nan]))

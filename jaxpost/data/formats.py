@@ -181,13 +181,22 @@ def _prompt_completion(row, columns, imitated: bool):
 
 
 def _margin(row) -> Optional[float]:
-  """The row's `margin` column (TRL's RewardTrainer: loss -log σ(r_c - r_r - margin)) or None."""
+  """The row's `margin` column (TRL's RewardTrainer: loss -log σ(r_c - r_r - margin)) or None;
+  a number, or a string holding one (CSV files hold strings)."""
   value = row.get("margin")
-  if value is None:
+  if value is None or (isinstance(value, str) and not value.strip()):
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+  number = None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    number = float(value)
+  elif isinstance(value, str):
+    try:
+      number = float(value)
+    except ValueError:
+      pass
+  if number is None or not math.isfinite(number):
     raise DataError("bad_margin", f"found {value!r}, expected a finite number", "margin")
-  return float(value)
+  return number
 
 
 # ---------------------------------------------------------------- pairs

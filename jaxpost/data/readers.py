@@ -80,14 +80,15 @@ def looks_like_path(src: str) -> bool:
 
 
 def _lines(path: Path, compression: Optional[str]) -> Iterator[tuple[int, bytes]]:
-  opener = OPENERS.get(compression, open)
+  """(line number, raw bytes) of a plain or compressed file; damage raises at its line."""
+  number = 0
   try:
-    with opener(path, "rb") as f:
+    with OPENERS.get(compression, open)(path, "rb") as f:
       for number, line in enumerate(f, start=1):
         yield number, line
   except (OSError, EOFError, lzma.LZMAError) as e:  # truncated / not really compressed
     raise DataError("unreadable_file", f"cannot be read ({compression or 'plain'} file): "
-                    f"{e}").at(str(path), None) from e
+                    f"{e}").at(str(path), number + 1, "line") from e
 
 
 def _decode(raw: bytes, number: int, path: Path):
