@@ -149,3 +149,15 @@ def test_csv_numbers_are_read_by_the_columns_that_hold_them(tok, tmp_path):
   loader = _loader(tok, str(path), tmp_path, kind="preference")
   np.testing.assert_array_equal([r["margin"] for r in loader.table.records],
                                 np.float32([1.5, np.nan]))
+
+
+def test_lossy_datasets_columns_are_named_in_a_warning(tmp_path, caplog):
+  path = _jsonl(tmp_path / "m.jsonl", [{"messages": [U("12"), A("13")]},
+                                       {"messages": [U("1"), A(2)]}])
+  ds = datasets.load_dataset("json", data_files=path, split="train")  # datasets' own reading
+  ds.save_to_disk(str(tmp_path / "saved"))
+  with caplog.at_level("WARNING", logger="jaxpost.data.readers"):
+    rows = _rows(str(tmp_path / "saved"))
+  assert rows[0]["messages"][0]["content"] == 12  # already lost when datasets read the file
+  assert "column(s) ['messages'] were stored by `datasets` as mixed-type JSON" in caplog.text
+  assert _rows(path)[0]["messages"][0]["content"] == "12"  # the file itself, read exactly

@@ -14,7 +14,7 @@ a code change never reuses an old table.
 
 Where. `data.cache_dir`, or by default `$JAXPOST_CACHE/tokenized` (`~/.cache/jaxpost/tokenized`
 when JAXPOST_CACHE is unset): shared by every workdir, so a second recipe on the same data reuses
-it; `data.cache=False` turns it off.
+it; `data.cache=False` turns it off. Files are never evicted (delete the folder to reclaim space).
 
 File. One `.npz` (no pickle): per record field, the concatenated arrays and their lengths (or a
 scalar column), plus a JSON `meta` entry (key, summary, per-source sizes, prompt-kind examples).

@@ -8,8 +8,10 @@ line, with the standard library: a value reaches the row normaliser as the file 
 string "42" stays a string, a column may mix strings and message lists), because no table schema
 is inferred. A line that cannot be read (invalid JSON, not an object, not UTF-8) is yielded as a
 DataError at its file and line, so the loader can raise it or drop and count it; an empty file
-is one such error. CSV values are strings. A `.json` file is one JSON array of objects, one
-object, or JSON lines.
+is one such error. Damage after which the rest of a file cannot be read (a broken JSON array, a
+truncated compressed file, a non-UTF-8 line in a CSV, whose records may span lines) raises at
+its line even with drop_bad_rows. CSV values are strings. A `.json` file is one JSON array of
+objects, one object, or JSON lines.
 
 Parquet and arrow files, `save_to_disk` folders, hub datasets and `datasets.Dataset` objects
 carry their own schema and go through `datasets`; a `Json` feature there (datasets' encoding of
