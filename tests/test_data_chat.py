@@ -155,3 +155,20 @@ def test_truncation_errors_and_sequences(tok):
   assert info.value.reason == "no_trainable_tokens"
   with pytest.raises(DataError, match="prompt has"):
     tokenize_example(ct, {"prompt": "word " * 50}, "prompt", Limits(64, max_prompt_length=8))
+
+
+@pytest.mark.parametrize("example", [
+    {"messages": CONVO},
+    {"prompt": [U("What is 2+2?")], "completion": [A("4")]},
+    {"prompt": "What is 2+2?", "completion": " 4"},
+], ids=["messages", "conversational_prompt_completion", "standard_prompt_completion"])
+def test_train_on_all_trains_every_token_of_the_same_ids(tok, example):
+  ct = ChatTokenizer(tok)
+  lim = Limits(max_length=256)
+  assistant = tokenize_example(ct, example, "sft", lim, "all_assistant")
+  everything = tokenize_example(ct, example, "sft", lim, "all")
+  np.testing.assert_array_equal(everything["ids"], assistant["ids"])
+  assert everything["mask"].tolist() == [0] + [1] * (len(everything["ids"]) - 1)
+  assert 0 < assistant["mask"].sum() < everything["mask"].sum()
+  with pytest.raises(ValueError, match=r"data.train_on='everything'; choose one of"):
+    tokenize_example(ct, example, "sft", lim, "everything")

@@ -181,3 +181,25 @@ def test_builtin_task_source(tok):
   loader = _loader(tok, f"builtin:{name}", "sft", max_length=256, buckets=[256])
   assert loader.summary["examples"] > 0
   assert (_take(loader, 1)[0]["loss_mask"].sum(1) > 0).all()
+
+
+def test_limits_that_cut_every_row_fail_naming_the_key(tok, caplog):
+  rows = [{"prompt": "word " * 40, "completion": f"answer {i}"} for i in range(4)]
+  with pytest.raises(ValueError, match=r"4 of 4 examples are longer than the limits "
+                     r"\(data.max_length=16\).*raise data.max_length"):
+    _loader(tok, rows, max_length=16, buckets=[16])
+  long_texts = [{"text": "word " * 40} for _ in range(3)]
+  with pytest.raises(ValueError, match=r"3 of 3 examples"):
+    _loader(tok, long_texts, max_length=16, buckets=[16])
+  with caplog.at_level("WARNING", logger="jaxpost.data.table"):
+    loader = _loader(tok, rows + [{"prompt": "q", "completion": "a"}], max_length=16,
+                     buckets=[16])
+  assert loader.summary["truncated"] == 4
+  assert "4 of 5 examples (80%) are truncated or dropped by the limits" in caplog.text
+
+
+def test_train_on_all_batches_train_every_real_token(tok):
+  b = _take(_loader(tok, str(SFT_JSONL), train_on="all", prefetch=0), 1)[0]
+  want = b["attention_mask"].copy()
+  want[:, 0] = 0
+  np.testing.assert_array_equal(b["loss_mask"], want)

@@ -7,7 +7,9 @@ The backbone is any causal-LM checkpoint with a new scalar head (`head="score"`)
 sequence's last real token. The default trains on the built-in arithmetic task's ranked rows
 (k = 3 responses per prompt -> 3 pairs, margin = score difference) and reports held-out pair
 accuracy before and after; the result exports as an HF LlamaForSequenceClassification dir,
-loadable again with `jaxpost.load_model(path, head="score")`.
+loadable again with `jaxpost.load_model(path, head="score")`. Your own pairs:
+`--config.data.train=pairs.jsonl` (prompt/chosen/rejected rows, or any preference format; a
+`margin` column is used as TRL's RewardTrainer does: loss -log σ(r_c - r_r - margin)).
 
 Keys added to configs/base.py:
   center_rewards_coefficient   c in + c · mean((r_c + r_r)²); 0 disables it
@@ -23,9 +25,9 @@ def get_config(arg=None):
   c.algorithm = "rm"
   c.workdir = "runs/rm"
   c.center_rewards_coefficient = 0.0
-  ranked = {"source": "builtin:arithmetic", "task_kind": "ranked"}
-  c.data.train = dict(ranked)
-  c.data.eval = dict(ranked)
+  c.data.train = "builtin:arithmetic"
+  c.data.eval = "builtin:arithmetic"
+  c.data.task_kind = "ranked"  # builtin rows: k responses + scores -> pairs with margins
   c.data.max_length = 128
   c.batch_size = 8
   c.max_steps = 60

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxpost.data.formats import DataError
 
-TRAIN_ON = ("last_assistant", "all_assistant")
+TRAIN_ON = ("last_assistant", "all_assistant", "all")
 TRUNCATION_MODES = ("keep_start", "keep_end")
 
 
@@ -112,9 +112,17 @@ class ChatTokenizer:
   # ------------------------------------------------------------ SFT
 
   def sft(self, example: dict, train_on: str = "all_assistant"):
-    """(ids, mask, prompt_len) of one normalised SFT example (prompt_len None: no prompt)."""
+    """(ids, mask, prompt_len) of one normalised SFT example (prompt_len None: no prompt).
+
+    train_on: "all_assistant" trains every assistant turn (and a prompt/completion row's
+    completion), "last_assistant" only the last turn, "all" every token of the same ids (TRL's
+    assistant_only_loss=False / completion_only_loss=False); text rows train every token."""
     if train_on not in TRAIN_ON:
       raise ValueError(f"data.train_on={train_on!r}; choose one of {TRAIN_ON}")
+    ids, mask, prompt_len = self._sft_masked(example, train_on)
+    return ids, [1] * len(ids) if train_on == "all" else mask, prompt_len
+
+  def _sft_masked(self, example: dict, train_on: str):
     if "text" in example:
       ids = self._with_eos(self.encode(example["text"], special=True))
       return ids, [0] + [1] * (len(ids) - 1), None

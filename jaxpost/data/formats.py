@@ -6,7 +6,7 @@ Accepted rows (column names configurable through `columns`, canonical name -> da
     messages | conversations          a conversation ({"role","content"} or ShareGPT {"from","value"})
     prompt + completion               completion-only SFT
     instruction (+ input) + output    Alpaca (becomes a one-turn conversation)
-    prompt + chosen + rejected        explicit preference pair
+    prompt + chosen + rejected        explicit preference pair (+ margin: TRL's reward margin)
     chosen + rejected                 implicit prompt: the common prefix (HH-RLHF "\\n\\nHuman: ..."
                                       text is parsed into messages first)
     prompt + responses (+ scores)     ranked responses -> all C(k, 2) pairs, best first
@@ -17,9 +17,16 @@ Values are plain strings ("standard") or lists of messages ("conversational"). `
 turns one row into the examples a training kind consumes:
 
     sft         {"messages"} | {"prompt", "completion"} | {"text"}
-    preference  {"prompt", "chosen", "rejected", "margin"}   (margin None unless scores given)
+    preference  {"prompt", "chosen", "rejected", "margin"}   (margin: the row's `margin` column,
+                                                             the score difference of ranked
+                                                             rows, else None)
     unpaired    {"prompt", "completion", "label"}            (label 1 desirable, 0 undesirable)
     prompt      the row's columns with "prompt" normalised   (so rewards can read e.g. "answer")
+
+Empty responses. A response that is compared or labelled (preference chosen/rejected, ranked
+responses, unpaired completions) may be empty, as TRL keeps it: its tokens are the end of the turn
+(HH-RLHF has such final assistant turns). A demonstration to imitate (an SFT completion, the last
+assistant turn of an SFT conversation, SFT text) must not be empty ("empty_completion").
 
 Bad rows raise `DataError` naming source, row index, column and a short `reason` that the loader
 counts when `drop_bad_rows` is set.
@@ -28,6 +35,7 @@ counts when `drop_bad_rows` is set.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -65,21 +73,25 @@ class DataError(ValueError):
   def __init__(self, reason: str, message: str, column: Optional[str] = None):
     super().__init__(message)
     self.reason, self.message, self.column = reason, message, column
-    self.source, self.index = None, None
+    self.source, self.index, self.unit = None, None, "row"
 
-  def at(self, source: str, index: int) -> "DataError":
-    self.source, self.index = source, index
+  def at(self, source: str, index: Optional[int], unit: str = "row") -> "DataError":
+    """Places the error: `source unit index` ("a.jsonl line 3"); index None: the whole source."""
+    self.source, self.index, self.unit = source, index, unit
     return self
 
   def __str__(self):
-    where = f"{self.source} row {self.index}" if self.source is not None else "row"
+    if self.source is None:
+      where = "row"
+    else:
+      where = self.source if self.index is None else f"{self.source} {self.unit} {self.index}"
     col = f", column {self.column!r}" if self.column else ""
     return f"{where}{col}: {self.message} [{self.reason}]"
 
 
 def normalize_row(row: Mapping[str, Any], kind: str, columns: Optional[Mapping[str, str]] = None,
-                  source: str = "<rows>", index: int = 0) -> list[dict]:
-  """Examples of `kind` from one dataset row; raises DataError(...).at(source, index)."""
+                  source: str = "<rows>", index: int = 0, unit: str = "row") -> list[dict]:
+  """Examples of `kind` from one dataset row; raises DataError(...).at(source, index, unit)."""
   if kind not in KINDS:
     raise ValueError(f"Unknown data kind {kind!r}; choose one of {KINDS}")
   try:
@@ -89,7 +101,7 @@ def normalize_row(row: Mapping[str, Any], kind: str, columns: Optional[Mapping[s
     fmt = detect_format(canon, kind)
     return _CONVERT[kind](fmt, canon, row, columns or {})
   except DataError as e:
-    raise e.at(source, index)
+    raise e.at(source, index, unit)
 
 
 def detect_format(row: Mapping[str, Any], kind: str) -> str:
@@ -161,10 +173,30 @@ def _nonempty(value, column: str):
   return value
 
 
-def _prompt_completion(row, columns, completion_col="completion"):
-  prompt, completion = _value(row, "prompt", columns), _value(row, completion_col, columns)
-  _same_style(("prompt", completion_col), (prompt, completion))
-  return prompt, _nonempty(completion, completion_col)
+def _prompt_completion(row, columns, imitated: bool):
+  """(prompt, completion); an imitated (SFT) completion must not be empty."""
+  prompt, completion = _value(row, "prompt", columns), _value(row, "completion", columns)
+  _same_style(("prompt", "completion"), (prompt, completion))
+  return prompt, _nonempty(completion, "completion") if imitated else completion
+
+
+def _margin(row) -> Optional[float]:
+  """The row's `margin` column (TRL's RewardTrainer: loss -log σ(r_c - r_r - margin)) or None;
+  a number, or a string holding one (CSV files hold strings)."""
+  value = row.get("margin")
+  if value is None or (isinstance(value, str) and not value.strip()):
+    return None
+  number = None
+  if isinstance(value, (int, float)) and not isinstance(value, bool):
+    number = float(value)
+  elif isinstance(value, str):
+    try:
+      number = float(value)
+    except ValueError:
+      pass
+  if number is None or not math.isfinite(number):
+    raise DataError("bad_margin", f"found {value!r}, expected a finite number", "margin")
+  return number
 
 
 # ---------------------------------------------------------------- pairs
@@ -205,10 +237,9 @@ def _pair(fmt, row, columns) -> dict:
       raise DataError("identical_pair", "chosen and rejected are identical", "rejected")
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
   _same_style(("prompt", "chosen", "rejected"), (prompt, chosen, rejected))
-  _nonempty(chosen, "chosen"), _nonempty(rejected, "rejected")
   if chosen == rejected:
     raise DataError("identical_pair", "chosen and rejected are identical", "rejected")
-  return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": None}
+  return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": _margin(row)}
 
 
 def ranked_pairs(row, columns) -> list[dict]:
@@ -232,8 +263,8 @@ def ranked_pairs(row, columns) -> list[dict]:
     if (scores is not None and scores[i] == scores[j]) or responses[i] == responses[j]:
       continue
     margin = None if scores is None else float(scores[i] - scores[j])
-    pairs.append({"prompt": prompt, "chosen": _nonempty(responses[i], "responses"),
-                  "rejected": _nonempty(responses[j], "responses"), "margin": margin})
+    pairs.append({"prompt": prompt, "chosen": responses[i], "rejected": responses[j],
+                  "margin": margin})
   return pairs
 
 
@@ -258,11 +289,17 @@ def _alpaca(row) -> tuple[list[dict], Optional[list[dict]]]:
   return [{"role": "user", "content": text}], completion
 
 
+LABEL_STRINGS = {"true": 1, "false": 0, "1": 1, "0": 0}  # CSV files hold strings
+
+
 def _label(row) -> int:
   label = row["label"]
-  if isinstance(label, bool) or label in (0, 1):
+  if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
     return int(label)
-  raise DataError("bad_label", f"found {label!r}, expected a bool or 0/1", "label")
+  if isinstance(label, str) and label.strip().lower() in LABEL_STRINGS:
+    return LABEL_STRINGS[label.strip().lower()]
+  raise DataError("bad_label", f"found {label!r}, expected a bool, 0/1 or 'true'/'false'",
+                  "label")
 
 
 # ---------------------------------------------------------------- per kind
@@ -287,10 +324,10 @@ def _to_sft(fmt, row, raw, columns) -> list[dict]:
                       "'output' for SFT", "output")
     return [{"prompt": prompt, "completion": _nonempty(completion, "output")}]
   if fmt == "prompt_completion":
-    prompt, completion = _prompt_completion(row, columns)
+    prompt, completion = _prompt_completion(row, columns, imitated=True)
     return [{"prompt": prompt, "completion": completion}]
   pair = _pair(fmt, row, columns)
-  return [{"prompt": pair["prompt"], "completion": pair["chosen"]}]
+  return [{"prompt": pair["prompt"], "completion": _nonempty(pair["chosen"], "chosen")}]
 
 
 def _to_preference(fmt, row, raw, columns) -> list[dict]:
@@ -301,7 +338,7 @@ def _to_preference(fmt, row, raw, columns) -> list[dict]:
 
 def _to_unpaired(fmt, row, raw, columns) -> list[dict]:
   if fmt == "unpaired":
-    prompt, completion = _prompt_completion(row, columns)
+    prompt, completion = _prompt_completion(row, columns, imitated=False)
     return [{"prompt": prompt, "completion": completion, "label": _label(row)}]
   pair = _pair(fmt, row, columns)
   return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": 1},

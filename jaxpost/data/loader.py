@@ -4,9 +4,9 @@
     batch = next(loader)             # this process's rows of the next global batch
     state = loader.state()           # JSON-able; loader.restore(state) resumes at the next batch
 
-At build time every source is read (through HF `datasets` for files and hub names), normalised
-(`formats`), tokenised once (`chat`) and kept in memory; `loader.summary` counts rows read, kept,
-dropped by reason, tokens and the truncation rate.
+At build time every source is read exactly as written (`sources`, `readers`), normalised
+(`formats`), tokenised once (`chat`; cached on disk, `table` and `cache`) and kept in memory;
+`loader.summary` counts rows read, kept, dropped by reason, tokens and the truncation rate.
 
 Order. Epoch e draws n_s = round(E * w_s / sum(w)) examples from source s (E = total example
 count): source s cycles through its own seeded permutations, so an over-weighted source repeats
@@ -21,187 +21,25 @@ rows [p * B/P, (p + 1) * B/P); shards of one global batch are disjoint and cover
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import functools
 import hashlib
 import json
 import logging
 import queue
 import threading
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
 from jaxpost.data import batching
-from jaxpost.data.chat import ChatTokenizer, Limits, tokenize_example
+from jaxpost.data.chat import ChatTokenizer
 from jaxpost.data.config import data_defaults
-from jaxpost.data.formats import KINDS, DataError, normalize_row
+from jaxpost.data.formats import KINDS
+from jaxpost.data.sources import parse_sources, plain
+from jaxpost.data.table import Table, build_table, format_summary
 
 log = logging.getLogger(__name__)
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
-                  ".arrow": "arrow"}
-ALWAYS_DROPPED = ("no_trainable_tokens",)  # a consequence of the limits, not bad input
-
-
-@dataclasses.dataclass
-class SourceSpec:
-  source: Any
-  weight: float = 1.0
-  max_rows: Optional[int] = None
-  split: Optional[str] = None
-  subset: Optional[str] = None
-  columns: Optional[dict] = None
-  task_kind: Optional[str] = None
-  name: Optional[str] = None
-
-  def __post_init__(self):
-    if self.name is None:
-      self.name = self.source if isinstance(self.source, str) else type(self.source).__name__
-    if self.weight < 0:
-      raise ValueError(f"data source {self.name}: weight {self.weight} < 0")
-
-
-def _plain(value):
-  return value.to_dict() if hasattr(value, "to_dict") else value
-
-
-def parse_sources(value) -> list[SourceSpec]:
-  """Source specs from config.data.train/eval (see jaxpost/data/config.py)."""
-  value = _plain(value)
-  if value is None or value == "":
-    raise ValueError("No data source: set config.data.train (or eval), e.g. 'builtin:<task>', a "
-                     "file, a hub dataset name or a list of rows")
-  is_spec = lambda v: isinstance(v, str) or (isinstance(v, Mapping) and
-                                             ("source" in v or "rows" in v))
-  if isinstance(value, (list, tuple)) and value and not all(is_spec(_plain(v)) for v in value):
-    return [SourceSpec(list(value), name="rows")]
-  specs = []
-  for v in (value if isinstance(value, (list, tuple)) else [value]):
-    v = _plain(v)
-    if isinstance(v, Mapping):
-      v = dict(v)
-      rows = v.pop("rows", None)
-      unknown = set(v) - {f.name for f in dataclasses.fields(SourceSpec)}
-      if unknown:
-        raise ValueError(f"data source spec has unknown keys {sorted(unknown)}; allowed: source|"
-                         f"rows, {', '.join(f.name for f in dataclasses.fields(SourceSpec)[1:])}")
-      specs.append(SourceSpec(v.pop("source", rows), **v))
-    else:
-      specs.append(SourceSpec(v))
-  return specs
-
-
-def read_rows(spec: SourceSpec, split: str, kind: str, cfg: dict) -> Iterable[Mapping]:
-  """Rows of one source: Python rows, a datasets.Dataset, builtin task, local files or hub."""
-  src = spec.source
-  if isinstance(src, str) and src.startswith("builtin:"):
-    from jaxpost.data.tasks import task_rows  # pylint: disable=import-outside-toplevel
-    rows = task_rows(src[len("builtin:"):], split, spec.task_kind or kind)
-  elif isinstance(src, str):
-    rows = _load_dataset(src, spec, spec.split or cfg.get(f"{split}_split", split))
-  elif isinstance(src, (list, tuple)) or hasattr(src, "select"):
-    rows = src
-  else:
-    raise ValueError(f"data source {spec.name}: unsupported type {type(src).__name__}")
-  if spec.max_rows is not None:
-    n = min(spec.max_rows, len(rows))
-    rows = rows.select(range(n)) if hasattr(rows, "select") else rows[:n]
-  return rows
-
-
-def _load_dataset(src: str, spec: SourceSpec, split: str):
-  import datasets  # pylint: disable=import-outside-toplevel
-  path = Path(src).expanduser()
-  try:
-    if path.is_file():
-      if path.suffix not in LOCAL_BUILDERS:
-        raise ValueError(f"data source {src}: unknown file type {path.suffix!r}; expected one of "
-                         f"{sorted(LOCAL_BUILDERS)}")
-      return datasets.load_dataset(LOCAL_BUILDERS[path.suffix], data_files=str(path),
-                                   split=spec.split or "train")
-    if path.is_dir() and any((path / f).exists() for f in ("dataset_info.json", "state.json",
-                                                           "dataset_dict.json")):
-      ds = datasets.load_from_disk(str(path))
-      return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    if path.is_dir():
-      return datasets.load_dataset(str(path), split=split)
-    return datasets.load_dataset(src, spec.subset, split=split)
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    raise ValueError(f"data source {src!r} (split {split!r}) could not be loaded: {e}") from e
-
-
-# ---------------------------------------------------------------- tokenised table + summary
-
-
-@dataclasses.dataclass
-class Table:
-  """Tokenised examples of every source, plus the summary counts."""
-  records: list = dataclasses.field(default_factory=list)
-  source_ids: list = dataclasses.field(default_factory=list)  # per source: example ids
-  examples: list = dataclasses.field(default_factory=list)  # normalised (prompt kind only)
-  summary: dict = dataclasses.field(default_factory=dict)
-
-
-def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict) -> Table:
-  lim = Limits(cfg["max_length"], cfg["max_prompt_length"], cfg["max_completion_length"],
-               cfg["truncation_mode"])
-  table, dropped = Table(), collections.Counter()
-  counts = collections.Counter()
-  per_source = {}
-  for spec in specs:
-    start, read = len(table.records), 0
-    columns = {**(cfg["columns"] or {}), **(spec.columns or {})}
-    for i, row in enumerate(read_rows(spec, split, kind, cfg)):
-      read += 1
-      try:
-        examples = normalize_row(row, kind, columns, spec.name, i)
-      except DataError as e:
-        _drop_or_raise(e, cfg, dropped)
-        continue
-      for ex in examples:
-        try:
-          rec = tokenize_example(ct, ex, kind, lim, cfg["train_on"])
-        except DataError as e:
-          _drop_or_raise(e.at(spec.name, i), cfg, dropped)
-          continue
-        _count(rec, counts)
-        table.records.append(rec)
-        if kind == "prompt":
-          table.examples.append(ex)
-    table.source_ids.append(np.arange(start, len(table.records)))
-    per_source[spec.name] = {"rows_read": read, "examples": len(table.records) - start}
-  kept = len(table.records)
-  table.summary = {
-      "kind": kind, "split": split, "rows_read": sum(s["rows_read"] for s in per_source.values()),
-      "examples": kept, "dropped": dict(dropped), "tokens": counts["tokens"],
-      "trainable_tokens": counts["trainable"], "truncated": counts["truncated"],
-      "truncation_rate": counts["truncated"] / max(kept, 1), "sources": per_source}
-  return table
-
-
-def _drop_or_raise(e: DataError, cfg: dict, dropped: collections.Counter):
-  if e.reason in ALWAYS_DROPPED or cfg["drop_bad_rows"]:
-    dropped[e.reason] += 1
-  else:
-    raise e
-
-
-def _count(rec: dict, counts: collections.Counter):
-  for key, value in rec.items():
-    if key.endswith("ids"):
-      counts["tokens"] += len(value)
-    elif key.endswith("mask"):
-      counts["trainable"] += int(value.sum())
-  counts["truncated"] += int(rec["truncated"])
-
-
-def format_summary(s: dict) -> str:
-  dropped = ", ".join(f"{k}={v}" for k, v in sorted(s["dropped"].items())) or "none"
-  return (f"data[{s['split']}/{s['kind']}]: {s['rows_read']} rows read, {s['examples']} examples "
-          f"kept, dropped: {dropped}; {s['tokens']} tokens ({s['trainable_tokens']} trained), "
-          f"truncated {s['truncation_rate']:.1%}")
+__all__ = ["Loader", "Stream", "Table", "build_loader", "format_summary"]
 
 
 # ---------------------------------------------------------------- order
@@ -402,7 +240,7 @@ def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index, process_count = jax.process_index(), jax.process_count()
-  cfg = {**data_defaults().to_dict(), **_plain(data_cfg)}
+  cfg = {**data_defaults().to_dict(), **plain(data_cfg)}
   if not cfg["max_length"]:
     raise ValueError("config.data.max_length must be set (batches have static shapes)")
   specs = parse_sources(cfg[split])
