@@ -8,12 +8,13 @@ sequence's last real token. The default trains on the built-in arithmetic task's
 (k = 3 responses per prompt -> 3 pairs, margin = score difference) and reports held-out pair
 accuracy before and after; the result exports as an HF LlamaForSequenceClassification dir,
 loadable again with `jaxpost.load_model(path, head="score")`.
-
-Keys added to configs/base.py:
-  center_rewards_coefficient   c in + c · mean((r_c + r_r)²); 0 disables it
 """
 
 from jaxpost.configs import base, sft
+from jaxpost.configs.keys import doc_block
+
+KEYS = {"center_rewards_coefficient": "c in the loss term + c · mean((r_c + r_r)²); 0 disables it"}
+__doc__ += doc_block(KEYS, "Keys added to configs/base.py")
 
 VARIANTS = ("default", "tiny")
 
@@ -25,12 +26,11 @@ def get_config(arg=None):
   c.center_rewards_coefficient = 0.0
   ranked = {"source": "builtin:arithmetic", "task_kind": "ranked"}
   c.data.train = dict(ranked)
-  c.data.eval = dict(ranked)
   c.data.max_length = 128
   c.batch_size = 8
   c.max_steps = 60
   c.log_every = 5
-  c.eval_steps = 4
+  c.eval_batches = 4
   c.checkpoint.every = 0
   c.export_hf = "hf"
   c.optimizer.learning_rate = 1e-5

@@ -27,6 +27,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 from pathlib import Path
@@ -38,6 +39,7 @@ from jaxpost.data import batching
 from jaxpost.data.chat import ChatTokenizer, Limits, tokenize_example
 from jaxpost.data.config import data_defaults
 from jaxpost.data.formats import KINDS, DataError, normalize_row
+from jaxpost.data.heldout import indexed_part, loader_plan, part_label
 
 log = logging.getLogger(__name__)
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
@@ -144,7 +146,10 @@ class Table:
   summary: dict = dataclasses.field(default_factory=dict)
 
 
-def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict) -> Table:
+def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict,
+                part: tuple = (None, 0.0)) -> Table:
+  """Reads every source at `split`; `part` = (side, fraction) of a held-out slice
+  (jaxpost/data/heldout.py) keeps that side of each source's rows."""
   lim = Limits(cfg["max_length"], cfg["max_prompt_length"], cfg["max_completion_length"],
                cfg["truncation_mode"])
   table, dropped = Table(), collections.Counter()
@@ -153,7 +158,7 @@ def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict) -> T
   for spec in specs:
     start, read = len(table.records), 0
     columns = {**(cfg["columns"] or {}), **(spec.columns or {})}
-    for i, row in enumerate(read_rows(spec, split, kind, cfg)):
+    for i, row in indexed_part(read_rows(spec, split, kind, cfg), *part):
       read += 1
       try:
         examples = normalize_row(row, kind, columns, spec.name, i)
@@ -284,6 +289,19 @@ class Loader:
   def batches_per_epoch(self) -> int:
     return self.stream.epoch_size // self.batch_size
 
+  @property
+  def epoch(self) -> float:
+    """Epochs drawn so far: examples taken from the stream / epoch size."""
+    return self._state["cursor"] / self.stream.epoch_size
+
+  def steps_for(self, epochs: float) -> int:
+    """Steps that draw `epochs` epochs: ceil(epochs x E / batch_size); with packing a batch
+    holds about batch_size x T tokens, so ceil(epochs x tokens / (batch_size x T))."""
+    if not self.packing:
+      return max(1, math.ceil(epochs * self.stream.epoch_size / self.batch_size))
+    tokens = sum(len(self.table.records[i]["ids"]) for i in self.stream.epoch(0))
+    return max(1, math.ceil(epochs * tokens / (self.batch_size * self.buckets[-1])))
+
   def example(self, i: int) -> dict:
     """The normalised example behind `row` i of a prompt batch (prompt kind)."""
     return self.table.examples[i]
@@ -398,9 +416,11 @@ def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
   cfg = {**data_defaults().to_dict(), **_plain(data_cfg)}
   if not cfg["max_length"]:
     raise ValueError("config.data.max_length must be set (batches have static shapes)")
-  specs = parse_sources(cfg[split])
+  sources, read_split, part, fraction = loader_plan(cfg, split)
+  specs = parse_sources(sources)
   ct = ChatTokenizer(tokenizer, cfg["chat_template"], cfg["system_prompt"])
-  table = build_table(specs, ct, kind, split, cfg)
+  table = build_table(specs, ct, kind, read_split, cfg, (part, fraction))
+  table.summary["split"] = part_label(split, part, fraction)
   log.info(format_summary(table.summary))
   stream = Stream(table.source_ids, [s.weight for s in specs], seed,
                   bool(cfg["shuffle"]) and split == "train")

@@ -1,9 +1,11 @@
 """The one training loop. `train(config)` runs, for any registered algorithm:
 
-    distributed init -> mesh -> policy (+ frozen trees) -> sharded state -> resume if possible
+    distributed init -> config checks (validate.py; nothing loaded yet) -> mesh -> policy ->
+    loaders (num_epochs -> max_steps) -> frozen trees -> sharded state -> resume if possible
     -> repeat: next batch -> [collect] -> jitted step
                every log_every: fetch device metrics, check finiteness, write a record
-               every eval_every: eval loss (+ perplexity) on `eval_steps` batches of data.eval
+               every eval_every: eval loss (+ perplexity) on `eval_batches` batches of eval
+               data (data.eval; "auto" follows data.train: jaxpost/data/heldout.py)
                every checkpoint.every and at the end: async checkpoint (state, data position)
     -> optional HF export
 
@@ -27,6 +29,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxpost.data import heldout
 from jaxpost.models import lora
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
@@ -37,6 +40,7 @@ from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import format_report, task_report
 from jaxpost.train.step import make_eval_step, make_train_step
+from jaxpost.train.validate import check as check_config
 
 log = logging.getLogger("jaxpost.train")
 
@@ -49,6 +53,7 @@ def train(config, train_loader=None, eval_loader=None) -> dict:
   """Trains per `config` (see configs/base.py); returns the final metrics (last logged train
   record, `eval/*` of the final eval, `step`). Loaders default to `data.train` / `data.eval`."""
   initialize_distributed(config.distributed)
+  check_config(config, jax.device_count(), jax.process_count(), own_data=train_loader is None)
   algorithm = algorithms.get(config.algorithm)
   mesh = sh.build_mesh(config.mesh)
   rules = sh.rules_of(config.mesh)
@@ -72,7 +77,7 @@ def initialize_distributed(dist_cfg):
 
 
 def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str):
-  source = config.data.train if split == "train" else config.data.eval
+  source = config.data.train if split == "train" else heldout.eval_plan(config.data)[0]
   if isinstance(source, str) and source.startswith("synthetic"):
     if kind != "sft":
       raise ValueError(f"data source {source!r} only provides 'sft' batches, not {kind!r}")
@@ -94,6 +99,8 @@ class Trainer:
     load = functools.partial(load_sharded, config.model, mesh, rules)
     self.lora = LoraSpec.from_config(config)
     self.policy = load(head=algorithm.head, seed=config.seed, lora=self.lora)
+    self._build_loaders(train_loader, eval_loader)
+    self.config = config = self._steps_from_epochs(config)
     trainable, base = self._split_trainable()
     self.frozen, modules = algorithm.prepare_frozen(algorithms.SetupContext(
         config, dataclasses.replace(self.policy, params=base), load, self.lora is not None))
@@ -104,7 +111,6 @@ class Trainer:
     self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
     self.ctx = algorithms.LossContext(self.policy.model, config, True, modules)
     self._jit_steps(tx, schedule, state_sh)
-    self._build_loaders(train_loader, eval_loader)
     self.ckpt = Checkpointer(config.workdir, config.checkpoint.keep, config.checkpoint.async_save)
     self.start_step = self._maybe_resume(state_sh)
     self.stop_requested = False
@@ -143,10 +149,26 @@ class Trainer:
     make = lambda split: make_loader(cfg, self.policy.tokenizer, self.policy.config.vocab_size,
                                      kind, split)
     self.loader = train_loader or make("train")
-    if eval_loader is None and cfg.data.eval:
-      eval_loader = make("eval")
+    self.eval_description = "the given eval loader"
+    if eval_loader is None:
+      sources, _, _, self.eval_description = heldout.eval_plan(cfg.data)
+      eval_loader = make("eval") if sources is not None else None
+    log.info("eval data: %s", self.eval_description)
     self.eval_loader = eval_loader
     self._eval_start = eval_loader.state() if eval_loader is not None else None
+
+  def _steps_from_epochs(self, config):
+    """`config`, or with num_epochs > 0 a copy whose max_steps covers that many epochs."""
+    epochs = config.get("num_epochs", 0.0)
+    if not epochs:
+      return config
+    if not hasattr(self.loader, "steps_for"):
+      raise ValueError(f"config.num_epochs={epochs}: the training loader "
+                       f"({type(self.loader).__name__}) has no epoch size; set config.max_steps")
+    config = config.copy_and_resolve_references()
+    config.max_steps = self.loader.steps_for(epochs)
+    log.info("num_epochs=%g: %d steps of %d rows", epochs, config.max_steps, config.batch_size)
+    return config
 
   def _maybe_resume(self, state_sh) -> int:
     latest = self.ckpt.latest_step()
@@ -246,6 +268,8 @@ class Trainer:
       record["compile_time"], self.compile_time = self.compile_time, None
     self.num_tokens += sum(float(m["tokens"]) for m in fetched)
     record["num_tokens"] = self.num_tokens
+    if hasattr(self.loader, "epoch"):
+      record["epoch"] = self.loader.epoch
     if self.algorithm.finalize_metrics:
       record = self.algorithm.finalize_metrics(record)
     self.writer.write(step, record)
@@ -263,12 +287,12 @@ class Trainer:
             "mfu": flops / elapsed / peak}
 
   def _evaluate(self, step: int) -> dict:
-    """Weighted mean of the loss and metrics over `eval_steps` eval batches (same batches each
+    """Weighted mean of the loss and metrics over `eval_batches` eval batches (same batches each
     time), logged as eval/<name>."""
     self.eval_loader.restore(self._eval_start)
     batches = iter(self.eval_loader)
     results = [self.eval_step(self.state.params, self.frozen, self._global(next(batches)))
-               for _ in range(self.config.eval_steps)]
+               for _ in range(self.config.eval_batches)]
     results = jax.device_get(results)
     weights = np.array([w for _, w in results], np.float64)
     total = weights.sum() or 1.0
@@ -315,7 +339,8 @@ class Trainer:
     if "before" in evals:
       out.update({f"{k}_before": v for k, v in evals["before"].items()})
       table = format_report(evals["before"], out, step)
-      if jax.process_index() == 0 and table:
-        print(f"Before/after training (held-out split):\n{table}")
+      if jax.process_index() == 0:
+        print(f"Before/after training (eval: {self.eval_description}):\n{table}" if table
+              else f"No before/after table: {self.eval_description}")
     out["preempted"] = self.stop_requested
     return out
