@@ -84,6 +84,19 @@ FAMILIAR_NAMES = {
     "completion_only_loss": "data.train_on",
     "max_seq_length": "data.max_length",
     "ref_model": "ref.name_or_path",
+    "model_name_or_path": "model.name_or_path",
+    "adam_beta1": "optimizer.b1",
+    "adam_beta2": "optimizer.b2",
+    "adam_epsilon": "optimizer.eps",
+    "bf16": 'model.dtype="bfloat16" (and model.param_dtype for the master weights)',
+    "rpo_alpha": "sft_weight",
+    "precompute_ref_log_probs": "precompute_ref",
+    "neftune_noise_alpha": "neftune_alpha",
+    "report_to": "metrics.tensorboard / metrics.wandb",
+    "per_device_eval_batch_size": "batch_size (eval batches have the training batch size)",
+    "eval_strategy": "eval_every (0: evaluate only before and after training)",
+    "peft_config": "lora.rank, lora.alpha, lora.dropout, lora.targets",
+    "target_modules": "lora.targets (a regex over module paths)",
 }
 
 
