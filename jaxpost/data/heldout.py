@@ -37,17 +37,17 @@ def builtin_tasks(train) -> Optional[set]:
   if isinstance(train, str) and train.startswith("synthetic"):
     return None
   from jaxpost.data.loader import parse_sources  # the loader imports this module
-  specs = parse_sources(train)
-  names = {s.source[len(BUILTIN):] for s in specs
-           if isinstance(s.source, str) and s.source.startswith(BUILTIN)}
-  return names if len(names) and all(isinstance(s.source, str) and s.source.startswith(BUILTIN)
-                                     for s in specs) else None
+  sources = [s.source for s in parse_sources(train)]
+  if not all(isinstance(s, str) and s.startswith(BUILTIN) for s in sources):
+    return None
+  return {s[len(BUILTIN):] for s in sources}
 
 
 def holdout_fraction(data_cfg) -> float:
   """f of rule 1 when data.eval is "auto" (0.0 otherwise: nothing is held out)."""
-  return float(_get(data_cfg, "eval_fraction", 0.0) or 0.0) if _get(data_cfg, "eval") == AUTO \
-      else 0.0
+  if _get(data_cfg, "eval") != AUTO:
+    return 0.0
+  return float(_get(data_cfg, "eval_fraction", 0.0) or 0.0)
 
 
 def eval_plan(data_cfg) -> tuple:

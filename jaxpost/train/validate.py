@@ -52,7 +52,8 @@ def check(config, num_devices: int, num_processes: int = 1, own_data: bool = Tru
   with _owner("config.optimizer"):
     check_optimizer_config(config.optimizer)
   with _owner("config.lora"):
-    LoraSpec(**config.lora.to_dict())  # every lora.* key, also when rank 0 turns LoRA off
+    if config.get("lora") is not None:  # every lora.* key, also when rank 0 turns LoRA off
+      LoraSpec(**config.lora.to_dict())
     lora = LoraSpec.from_config(config)
   with _owner("config.model"):
     model_config(config.model, config.model.name_or_path, lora)
