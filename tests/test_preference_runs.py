@@ -22,7 +22,7 @@ ROWS = [{"prompt": f"Question {i}: is {i} a number?", "chosen": "yes", "rejected
 def run(config, tmp_path):
   config.workdir = str(tmp_path)
   config.data.train = config.data.eval = None
-  config.max_steps, config.log_every, config.eval_steps = 12, 1, 1
+  config.max_steps, config.log_every, config.eval_batches = 12, 1, 1
   config.checkpoint.every = -1
   config.metrics.tensorboard = config.metrics.progress_bar = False
   config.optimizer.warmup_steps = 0

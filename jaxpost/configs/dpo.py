@@ -9,21 +9,26 @@
 The default trains the bundled SmolLM2-135M-Instruct on the built-in arithmetic preference task
 (chosen: the concise right answer; rejected: wrong or rambling) and reports held-out loss and
 reward accuracy before and after.
-
-Keys added to configs/base.py:
-  loss_type          sigmoid | hinge | ipo | robust | simpo | orpo | kto
-  beta               β (τ for ipo, λ for orpo); > 0
-  label_smoothing    ε in [0, 0.5): cDPO for sigmoid/simpo, flip rate for robust
-  simpo_gamma        SimPO's target margin γ
-  sft_weight         RPO: + sft_weight · chosen NLL per token
-  desirable_weight, undesirable_weight   KTO's λ_D, λ_U
-  ref.name_or_path   reference checkpoint; "" = the initial policy (unused by simpo / orpo)
-  precompute_ref     score every training pair with the reference once, cached in the workdir
 """
 
 import ml_collections
 
 from jaxpost.configs import base, sft
+from jaxpost.configs.keys import doc_block
+from jaxpost.losses.dpo import LOSS_TYPES
+
+KEYS = {
+    "loss_type": " | ".join(LOSS_TYPES) + " (jaxpost/losses/dpo.py; kto needs algorithm kto)",
+    "beta": "β (τ for ipo, λ for orpo); > 0",
+    "label_smoothing": "ε in [0, 0.5): cDPO for sigmoid/simpo, flip rate for robust",
+    "simpo_gamma": "SimPO's target margin γ",
+    "sft_weight": "RPO: + sft_weight · chosen NLL per token",
+    "desirable_weight": "KTO's λ_D (weight of desirable rows)",
+    "undesirable_weight": "KTO's λ_U (weight of undesirable rows)",
+    "ref.name_or_path": 'reference checkpoint; "" = the initial policy (unused by simpo / orpo)',
+    "precompute_ref": "score the training pairs with the reference once, cached in the workdir",
+}
+__doc__ += doc_block(KEYS, "Keys added to configs/base.py")
 
 VARIANTS = ("default", "kto", "lora", "tiny")
 
@@ -45,14 +50,12 @@ def get_config(arg=None):
   c.algorithm = "dpo"
   c.workdir = "runs/dpo"
   preference_keys(c)
-  c.report.task = "arithmetic"
   c.data.train = "builtin:arithmetic"
-  c.data.eval = "builtin:arithmetic"
   c.data.max_length = 128
   c.batch_size = 8
   c.max_steps = 40
   c.log_every = 5
-  c.eval_steps = 4
+  c.eval_batches = 4
   c.checkpoint.every = 0
   c.export_hf = "hf"
   c.optimizer.learning_rate = 5e-6

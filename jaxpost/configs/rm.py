@@ -10,12 +10,13 @@ accuracy before and after; the result exports as an HF LlamaForSequenceClassific
 loadable again with `jaxpost.load_model(path, head="score")`. Your own pairs:
 `--config.data.train=pairs.jsonl` (prompt/chosen/rejected rows, or any preference format; a
 `margin` column is used as TRL's RewardTrainer does: loss -log σ(r_c - r_r - margin)).
-
-Keys added to configs/base.py:
-  center_rewards_coefficient   c in + c · mean((r_c + r_r)²); 0 disables it
 """
 
 from jaxpost.configs import base, sft
+from jaxpost.configs.keys import doc_block
+
+KEYS = {"center_rewards_coefficient": "c in the loss term + c · mean((r_c + r_r)²); 0 disables it"}
+__doc__ += doc_block(KEYS, "Keys added to configs/base.py")
 
 VARIANTS = ("default", "tiny")
 
@@ -26,13 +27,12 @@ def get_config(arg=None):
   c.workdir = "runs/rm"
   c.center_rewards_coefficient = 0.0
   c.data.train = "builtin:arithmetic"
-  c.data.eval = "builtin:arithmetic"
   c.data.task_kind = "ranked"  # builtin rows: k responses + scores -> pairs with margins
   c.data.max_length = 128
   c.batch_size = 8
   c.max_steps = 60
   c.log_every = 5
-  c.eval_steps = 4
+  c.eval_batches = 4
   c.checkpoint.every = 0
   c.export_hf = "hf"
   c.optimizer.learning_rate = 1e-5

@@ -10,6 +10,11 @@ minutes on 2 CPU cores and prints the eval loss before and after.
 """
 
 from jaxpost.configs import base
+from jaxpost.configs.keys import doc_block
+
+KEYS = {"neftune_alpha": "NEFTune noise scale (Jain et al. 2023) on the input embeddings in "
+                         "training; 5 is the paper's usual value, 0 disables it"}
+__doc__ += doc_block(KEYS, "Keys added to configs/base.py")
 
 VARIANTS = ("default", "lora", "tiny", "synthetic")
 
@@ -18,15 +23,13 @@ def get_config(arg=None):
   c = base.get_config()
   c.algorithm = "sft"
   c.workdir = "runs/sft"
-  c.neftune_alpha = 0.0  # NEFTune noise scale (Jain et al. 2023); 5 is the paper's usual value
-  c.report.task = "arithmetic"
+  c.neftune_alpha = 0.0
   c.data.train = "builtin:arithmetic"
-  c.data.eval = "builtin:arithmetic"
   c.data.max_length = 96
   c.batch_size = 8
   c.max_steps = 40
   c.log_every = 5
-  c.eval_steps = 4
+  c.eval_batches = 4
   c.checkpoint.every = 0
   c.optimizer.learning_rate = 5e-5
   c.optimizer.warmup_steps = 4
@@ -62,7 +65,7 @@ def _tiny(c):
   c.model.overrides.num_key_value_heads = 2
   c.model.overrides.head_dim = 16
   c.max_steps = 20
-  c.eval_steps = 2
+  c.eval_batches = 2
   c.report.examples, c.report.max_new_tokens = 8, 4
   c.optimizer.learning_rate = 1e-3
 

@@ -1,4 +1,4 @@
-"""Defaults of `config.data` (configs/base.py puts `data_defaults()` there).
+"""Defaults of `config.data` (configs/base.py puts `data_defaults()` there); `KEYS` documents them.
 
 Sources (`train`, `eval`) are one spec or a list of specs (a weighted mixture). A spec is
 
@@ -18,33 +18,64 @@ counts); `max_rows` caps the rows read from a source. `columns` maps canonical c
 (prompt, completion, chosen, rejected, margin, messages, text, responses, scores, label,
 instruction, input, output, conversations, and the message keys role/content) to the dataset's
 names. `task_kind` picks the rows a builtin task generates ("ranked" for reward models; None: the
-loader's kind).
+loader's kind). `eval = "auto"` (the default) follows the training data: jaxpost/data/heldout.py.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+KEYS = {  # data.<key>: doc
+    "train": "training source spec(s), see the module docstring",
+    "eval": 'eval source spec(s); "auto": the eval split of a built-in data.train task, else '
+            'a held-out data.eval_fraction of data.train, else none; "" or None: none',
+    "eval_fraction": 'with eval="auto": the fraction of each training source held out for eval '
+                     "(not trained on); 0: no held-out rows",
+    "train_split": "hub / save_to_disk split read for data.train",
+    "eval_split": "hub / save_to_disk split read for data.eval",
+    "columns": "canonical column name -> the dataset's column name",
+    "max_length": "tokens per sequence (prompt + completion); longer rows are truncated",
+    "max_prompt_length": "prompt token budget (None: max_length // 2 when cutting)",
+    "max_completion_length": "completion token budget (None: the rest)",
+    "truncation_mode": "which end of a prompt / unsplit sequence is kept: keep_end | keep_start",
+    "buckets": "padded lengths of batches (None: max_length / 4, / 2, max_length)",
+    "packing": "SFT only: first-fit-decreasing packing of examples into rows of max_length",
+    "train_on": "trained tokens: all_assistant | last_assistant (assistant turns; TRL's "
+                "assistant_only_loss / completion_only_loss) | all (every token but padding, "
+                "TRL's default)",
+    "chat_template": "Jinja template string or file (None: the tokenizer's own)",
+    "system_prompt": "system message inserted when a conversation has none",
+    "drop_bad_rows": "drop malformed rows and unreadable lines and count them in the summary "
+                     "instead of failing",
+    "task_kind": 'built-in tasks: the kind of rows generated, e.g. "ranked" (k responses + '
+                 "scores -> pairs with margins); None: the loader's kind",
+    "cache": "keep tokenised tables on disk and reuse them (jaxpost/data/cache.py)",
+    "cache_dir": '"": $JAXPOST_CACHE/tokenized (default ~/.cache/jaxpost/tokenized)',
+    "shuffle": "shuffle the training data (eval is read in order)",
+    "prefetch": "batches prepared ahead by a background thread (0: none)",
+}
+
 
 def data_defaults() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.train = config_dict.placeholder(object)  # source spec(s), see the module docstring
-  c.eval = config_dict.placeholder(object)
-  c.train_split = "train"  # hub split names for string sources
+  c.train = config_dict.placeholder(object)  # untyped: a string, rows, a Dataset or specs
+  c.eval = ml_collections.FieldReference("auto", field_type=object)
+  c.eval_fraction = 0.0
+  c.train_split = "train"
   c.eval_split = "test"
-  c.task_kind = config_dict.placeholder(str)  # builtin tasks: row kind, e.g. "ranked"
-  c.columns = ml_collections.ConfigDict()  # canonical name -> dataset column
-  c.max_length = 1024  # prompt + completion tokens
-  c.max_prompt_length = None  # prompt budget (None: max_length // 2 when cutting)
+  c.task_kind = config_dict.placeholder(str)
+  c.columns = ml_collections.ConfigDict()
+  c.max_length = 1024
+  c.max_prompt_length = None
   c.max_completion_length = None
-  c.truncation_mode = "keep_end"  # which end of a prompt / unsplit sequence is kept
-  c.buckets = None  # padded lengths; None: (max_length/4, max_length/2, max_length)
-  c.packing = False  # SFT only: first-fit-decreasing packing into rows of max_length
-  c.train_on = "all_assistant"  # "last_assistant", or "all": every token (TRL's default)
-  c.chat_template = None  # Jinja string or file; None: the tokenizer's template
-  c.system_prompt = None  # inserted when a conversation has no system message
-  c.drop_bad_rows = False  # True: drop bad rows and unreadable lines, counted in the summary
-  c.cache = True  # keep tokenised tables on disk (jaxpost/data/cache.py)
-  c.cache_dir = ""  # "": $JAXPOST_CACHE/tokenized (default ~/.cache/jaxpost/tokenized)
-  c.shuffle = True  # train split only; eval is read in order
-  c.prefetch = 2  # batches prepared ahead by a background thread (0: none)
+  c.truncation_mode = "keep_end"
+  c.buckets = None
+  c.packing = False
+  c.train_on = "all_assistant"
+  c.chat_template = None
+  c.system_prompt = None
+  c.drop_bad_rows = False
+  c.cache = True
+  c.cache_dir = ""
+  c.shuffle = True
+  c.prefetch = 2
   return c

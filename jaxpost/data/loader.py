@@ -25,6 +25,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import queue
 import threading
 from typing import Mapping, Optional
@@ -35,6 +36,7 @@ from jaxpost.data import batching
 from jaxpost.data.chat import ChatTokenizer
 from jaxpost.data.config import data_defaults
 from jaxpost.data.formats import KINDS
+from jaxpost.data.heldout import loader_plan, part_label
 from jaxpost.data.sources import parse_sources, plain
 from jaxpost.data.table import Table, build_table, format_summary
 
@@ -122,24 +124,30 @@ class Loader:
   def batches_per_epoch(self) -> int:
     return self.stream.epoch_size // self.batch_size
 
+  @property
+  def epoch(self) -> float:
+    """Epochs drawn so far: examples taken from the stream / epoch size."""
+    return self._state["cursor"] / self.stream.epoch_size
+
+  def steps_for(self, epochs: float) -> int:
+    """Steps that draw `epochs` epochs: ceil(epochs x E / batch_size); with packing a batch
+    holds about batch_size x T tokens, so ceil(epochs x tokens / (batch_size x T))."""
+    if not self.packing:
+      return max(1, math.ceil(epochs * self.stream.epoch_size / self.batch_size))
+    tokens = sum(len(self.table.records[i]["ids"]) for i in self.stream.epoch(0))
+    return max(1, math.ceil(epochs * tokens / (self.batch_size * self.buckets[-1])))
+
   def example(self, i: int) -> dict:
     """The normalised example behind `row` i of a prompt batch (prompt kind)."""
     return self.table.examples[i]
 
   @functools.cached_property
-  def fingerprint_inputs(self) -> dict:
-    """What a saved position is only valid for: data, order and batch shape (named, so a
-    mismatch on resume can say which differs)."""
-    lengths = [sum(len(v) for k, v in r.items() if k.endswith("ids")) for r in self.table.records]
-    return {"kind": self.kind, "batch_size": self.batch_size, "packing": self.packing,
-            "seed": self.stream.seed, "examples_per_source_per_epoch": self.stream.draws,
-            "shuffle": self.stream.shuffle, "buckets": list(self.buckets),
-            "example_lengths_sha1": hashlib.sha1(np.asarray(lengths, np.int64).tobytes())
-                                    .hexdigest()}
-
-  @functools.cached_property
   def fingerprint(self) -> str:
-    key = json.dumps(list(self.fingerprint_inputs.values()))
+    """What a saved position is only valid for: data, order and batch shape."""
+    lengths = [sum(len(v) for k, v in r.items() if k.endswith("ids")) for r in self.table.records]
+    key = json.dumps([self.kind, self.batch_size, self.packing, self.stream.seed,
+                      self.stream.draws, self.stream.shuffle, list(self.buckets),
+                      hashlib.sha1(np.asarray(lengths, np.int64).tobytes()).hexdigest()])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
   def state(self) -> dict:
@@ -243,9 +251,11 @@ def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
   cfg = {**data_defaults().to_dict(), **plain(data_cfg)}
   if not cfg["max_length"]:
     raise ValueError("config.data.max_length must be set (batches have static shapes)")
-  specs = parse_sources(cfg[split])
+  sources, read_split, part, fraction = loader_plan(cfg, split)
+  specs = parse_sources(sources)
   ct = ChatTokenizer(tokenizer, cfg["chat_template"], cfg["system_prompt"])
-  table = build_table(specs, ct, kind, split, cfg)
+  table = build_table(specs, ct, kind, read_split, cfg, (part, fraction))
+  table.summary["split"] = part_label(split, part, fraction)
   log.info(format_summary(table.summary))
   stream = Stream(table.source_ids, [s.weight for s in specs], seed,
                   bool(cfg["shuffle"]) and split == "train")

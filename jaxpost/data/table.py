@@ -27,6 +27,7 @@ import tqdm
 from jaxpost.data import cache
 from jaxpost.data.chat import ChatTokenizer, Limits, tokenize_example
 from jaxpost.data.formats import DataError, normalize_row
+from jaxpost.data.heldout import select_part
 from jaxpost.data.sources import read_rows
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,12 @@ def limits(cfg: dict) -> Limits:
                 cfg["truncation_mode"])
 
 
-def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict) -> Table:
-  """Reads every source, then loads the cached table or tokenises (and caches) it."""
-  sources = [list(read_rows(spec, split, kind, cfg)) for spec in specs]
+def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict,
+                part: tuple = (None, 0.0)) -> Table:
+  """Reads every source at `split`, then loads the cached table or tokenises (and caches) it;
+  `part` = (side, fraction) of a held-out slice (jaxpost/data/heldout.py) keeps that side of
+  each source's rows."""
+  sources = [select_part(list(read_rows(spec, split, kind, cfg)), *part) for spec in specs]
   path = cache.table_path(cfg, ct, kind, split, [s.name for s in specs], sources)
   table = cache.load_table(path) if path else None
   if table is None:

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")  # compute and parameter dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,9 @@ class LlamaConfig:
           f"num_key_value_heads={self.num_key_value_heads}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"Unsupported rope_type {self.rope_type!r}; supported: {ROPE_TYPES}")
+    for key in ("dtype", "param_dtype"):
+      if getattr(self, key) not in DTYPES:
+        raise ValueError(f"Unknown {key} {getattr(self, key)!r}; choose one of {DTYPES}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"Unknown remat_policy {self.remat_policy!r}; choose one of {REMAT_POLICIES}")

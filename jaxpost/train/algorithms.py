@@ -11,10 +11,14 @@ An algorithm is an `Algorithm` record registered under the name that `config.alg
         prepare_frozen=reference_model,  # optional: builds the frozen trees (e.g. the reference)
         collect=None,                    # optional: host-side collect phase (PPO/GRPO/RLOO)
         finalize_metrics=None,           # optional: derived metrics from the averaged ones
+        check_config=check_dpo_keys,     # optional: raises on a bad value of its own keys
     ))
 
 Contract, in the order the loop uses it:
 
+* `check_config(config)` (optional) runs before anything is loaded (jaxpost/train/validate.py)
+  and raises a ValueError naming the key when one of the algorithm's own keys is invalid —
+  parse them with the same code the loss uses, so the valid values live in one place.
 * `prepare_frozen(ctx: SetupContext) -> (frozen, modules)`: `frozen` is a dict of parameter trees
   that are inputs to the step but never optimised (no optimiser state, no gradient); `modules`
   maps the same names to the Flax modules that apply them. `ctx.policy` is the loaded policy
@@ -117,6 +121,7 @@ class Algorithm:
   prepare_frozen: Callable = no_frozen
   collect: Optional[Callable[..., Iterable[dict]]] = None
   finalize_metrics: Optional[Callable[[dict], dict]] = None
+  check_config: Optional[Callable[[Any], None]] = None
 
   def __post_init__(self):
     if self.loader_kind not in LOADER_KINDS:
@@ -146,5 +151,11 @@ def _with_perplexity(metrics: dict) -> dict:
   return {**metrics, "perplexity": math.exp(min(metrics["loss"], 80.0))}
 
 
+def _check_sft_keys(config):
+  if config.get("neftune_alpha", 0.0) < 0:
+    raise ValueError(f"config.neftune_alpha={config.neftune_alpha} must be >= 0 (0 disables it)")
+
+
 register(Algorithm(name="sft", loss_fn=sft.sft_loss, loader_kind="sft",
-                   weight_fn=sft.num_targets, finalize_metrics=_with_perplexity))
+                   weight_fn=sft.num_targets, finalize_metrics=_with_perplexity,
+                   check_config=_check_sft_keys))

@@ -1,11 +1,13 @@
 """The one training loop. `train(config)` runs, for any registered algorithm:
 
-    distributed init -> (a run already at max_steps: return `complete`) -> mesh -> policy
-    -> loaders -> frozen trees -> sharded state -> resume from the newest usable checkpoint
+    distributed init -> config checks (validate.py; nothing loaded yet) -> (a run already at
+    max_steps: return `complete`) -> mesh -> policy -> loaders (num_epochs -> max_steps) ->
+    frozen trees -> sharded state -> resume from the newest usable checkpoint
     -> repeat: next batch -> [collect] -> jitted step
                every log_every: fetch device metrics, check them and the last async save,
                                 write a record
-               every eval_every: eval loss (+ perplexity) on `eval_steps` batches of data.eval
+               every eval_every: eval loss (+ perplexity) on `eval_batches` batches of eval
+               data (data.eval; "auto" follows data.train: jaxpost/data/heldout.py)
                every checkpoint.every and at the end: async checkpoint (state, data position)
     -> optional HF export
 
@@ -33,6 +35,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from jaxpost.data import heldout
 from jaxpost.models import lora
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
@@ -43,6 +46,7 @@ from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import format_report, task_report
 from jaxpost.train.step import make_eval_step, make_train_step
+from jaxpost.train.validate import check as check_config
 
 log = logging.getLogger("jaxpost.train")
 
@@ -61,6 +65,7 @@ def train(config, train_loader=None, eval_loader=None) -> dict:
   workdir already held a checkpoint at max_steps, so nothing ran). Loaders default to
   `data.train` / `data.eval`."""
   initialize_distributed(config.distributed)
+  check_config(config, jax.device_count(), jax.process_count(), own_data=train_loader is None)
   done = completed_step(config)
   if done is not None:
     log.info("%s is complete: checkpoint at step %d >= max_steps=%d; nothing to do",
@@ -107,7 +112,7 @@ def completed_step(config) -> Optional[int]:
 
 
 def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str):
-  source = config.data.train if split == "train" else config.data.eval
+  source = config.data.train if split == "train" else heldout.eval_plan(config.data)[0]
   if isinstance(source, str) and source.startswith("synthetic"):
     if kind != "sft":
       raise ValueError(f"data source {source!r} only provides 'sft' batches, not {kind!r}")
@@ -129,8 +134,9 @@ class Trainer:
     load = functools.partial(load_sharded, config.model, mesh, rules)
     self.lora = LoraSpec.from_config(config)
     self.policy = load(head=algorithm.head, seed=config.seed, lora=self.lora)
-    trainable, base = self._split_trainable()
     self._build_loaders(train_loader, eval_loader)
+    self.config = config = self._steps_from_epochs(config)
+    trainable, base = self._split_trainable()
     self.frozen, modules = algorithm.prepare_frozen(algorithms.SetupContext(
         config, dataclasses.replace(self.policy, params=base), load, self.lora is not None,
         self.loader))
@@ -179,10 +185,26 @@ class Trainer:
     make = lambda split: make_loader(cfg, self.policy.tokenizer, self.policy.config.vocab_size,
                                      kind, split)
     self.loader = train_loader or make("train")
-    if eval_loader is None and cfg.data.eval:
-      eval_loader = make("eval")
+    self.eval_description = "the given eval loader"
+    if eval_loader is None:
+      sources, _, _, self.eval_description = heldout.eval_plan(cfg.data)
+      eval_loader = make("eval") if sources is not None else None
+    log.info("eval data: %s", self.eval_description)
     self.eval_loader = eval_loader
     self._eval_start = eval_loader.state() if eval_loader is not None else None
+
+  def _steps_from_epochs(self, config):
+    """`config`, or with num_epochs > 0 a copy whose max_steps covers that many epochs."""
+    epochs = config.get("num_epochs", 0.0)
+    if not epochs:
+      return config
+    if not hasattr(self.loader, "steps_for"):
+      raise ValueError(f"config.num_epochs={epochs}: the training loader "
+                       f"({type(self.loader).__name__}) has no epoch size; set config.max_steps")
+    config = config.copy_and_resolve_references()
+    config.max_steps = self.loader.steps_for(epochs)
+    log.info("num_epochs=%g: %d steps of %d rows", epochs, config.max_steps, config.batch_size)
+    return config
 
   def _maybe_resume(self, state_sh) -> int:
     restored = self.ckpt.restore_newest(abstract_like(self.state, state_sh))
@@ -224,6 +246,9 @@ class Trainer:
   def run(self) -> dict:
     cfg = self.config
     step = self.start_step
+    if step >= cfg.max_steps > 0:  # e.g. num_epochs decided max_steps after the early check
+      log.info("%s is complete at step %d; nothing to do", cfg.workdir, step)
+      return {"step": step, "complete": True, "preempted": False}
     self.writer = MetricsWriter(cfg, Path(cfg.workdir), cfg.max_steps, step)
     previous_handler = self._install_sigterm()
     evals = {}
@@ -296,6 +321,8 @@ class Trainer:
       record["compile_time"], self.compile_time = self.compile_time, None
     self.num_tokens += sum(float(m["tokens"]) for m in fetched)
     record["num_tokens"] = self.num_tokens
+    if hasattr(self.loader, "epoch"):
+      record["epoch"] = self.loader.epoch
     if self.algorithm.finalize_metrics:
       record = self.algorithm.finalize_metrics(record)
     self.writer.write(step, record)
@@ -327,10 +354,10 @@ class Trainer:
             "mfu": flops / elapsed / peak}
 
   def _evaluate(self, step: int) -> dict:
-    """Weighted mean of the loss and metrics over `eval_steps` eval batches (same batches each
+    """Weighted mean of the loss and metrics over `eval_batches` eval batches (same batches each
     time), logged as eval/<name>."""
     self.eval_loader.restore(self._eval_start)
-    batches, n, start = iter(self.eval_loader), self.config.eval_steps, time.perf_counter()
+    batches, n, start = iter(self.eval_loader), self.config.eval_batches, time.perf_counter()
     results = [jax.device_get(self.eval_step(self.state.params, self.frozen,
                                              self._global(next(batches))))
                for _ in progress(range(n), n, f"eval @ step {step}",
@@ -388,7 +415,8 @@ class Trainer:
     if "before" in evals:
       out.update({f"{k}_before": v for k, v in evals["before"].items()})
       table = format_report(evals["before"], out, step)
-      if jax.process_index() == 0 and table:
-        print(f"Before/after training (held-out split):\n{table}")
+      if jax.process_index() == 0:
+        print(f"Before/after training (eval: {self.eval_description}):\n{table}" if table
+              else f"No before/after table: {self.eval_description}")
     out["preempted"], out["complete"] = self.stop_requested, False
     return out

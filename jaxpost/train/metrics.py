@@ -57,9 +57,20 @@ def train_flops(cfg, batch: dict, weight_grads: bool = True) -> float:
   return total
 
 
+# Record keys already under a namespace; every other scalar is a train metric.
+NAMESPACES = ("eval/", "task/")
+
+
+def dashboard_tag(key: str) -> str:
+  """TensorBoard / W&B name of a record key: train metrics under `train/` (`train/loss`,
+  `train/rewards/chosen`), eval and task-report metrics as they are (`eval/loss`)."""
+  return key if key.startswith(NAMESPACES) else f"train/{key}"
+
+
 class MetricsWriter:
-  """Writes workdir/metrics.jsonl, TensorBoard events and (if enabled and installed) W&B, on
-  process 0 only; other processes get a no-op writer.
+  """Writes workdir/metrics.jsonl (plain keys: `loss`, `eval/loss`), TensorBoard events and (if
+  enabled and installed) W&B (`dashboard_tag` names), on process 0 only; other processes get a
+  no-op writer.
 
   A run resumed at step S > 0 first drops the metrics.jsonl records past S (steps a killed run
   logged after its last checkpoint, which the resumed run logs again) and opens TensorBoard with
@@ -94,7 +105,8 @@ class MetricsWriter:
     record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
     self._jsonl.write(json.dumps(record) + "\n")
     self._jsonl.flush()
-    scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, float)}
+    scalars = {dashboard_tag(k): v for k, v in record.items()
+               if k != "step" and isinstance(v, float)}
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)

@@ -6,10 +6,13 @@
 with decay = (1 + cos(pi x)) / 2 ("cosine"), 1 - x ("linear") or 1 ("constant"), and r =
 `min_lr_ratio`. Weight decay (decoupled, Loshchilov & Hutter 2019) skips norm scales and biases
 and, unless `decay_embeddings`, the token embeddings. Gradients are clipped to global norm
-`max_grad_norm` (0 disables) before the update.
+`max_grad_norm` (0 disables) before the update. `check_optimizer_config` states the valid
+ranges; `build_optimizer` applies it.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +22,36 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+# key -> (lowest, highest, whether the highest is allowed); every bound is inclusive but that one.
+RANGES = {"learning_rate": (0.0, math.inf, False), "warmup_steps": (0, math.inf, False),
+          "warmup_ratio": (0.0, 1.0, False), "min_lr_ratio": (0.0, 1.0, True),
+          "weight_decay": (0.0, math.inf, False), "max_grad_norm": (0.0, math.inf, False),
+          "b1": (0.0, 1.0, False), "b2": (0.0, 1.0, False), "eps": (0.0, math.inf, False),
+          "momentum": (0.0, 1.0, False)}
+
+
+def check_optimizer_config(opt_cfg):
+  """Raises naming the key: unknown name or schedule, a value outside RANGES (a learning rate
+  must be > 0: 0 does not train and < 0 climbs the loss)."""
+  if opt_cfg.name not in OPTIMIZERS:
+    raise ValueError(f"config.optimizer.name={opt_cfg.name!r}; choose one of {OPTIMIZERS}")
+  if opt_cfg.schedule not in SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule={opt_cfg.schedule!r}; choose one of "
+                     f"{SCHEDULES}")
+  if not opt_cfg.learning_rate > 0:
+    raise ValueError(f"config.optimizer.learning_rate={opt_cfg.learning_rate} must be > 0")
+  for key, (low, high, high_ok) in RANGES.items():
+    value = opt_cfg.get(key, low)
+    if not (low <= value < high or (high_ok and value == high)):
+      interval = f"[{low}, {high}{']' if high_ok else ')'}"
+      raise ValueError(f"config.optimizer.{key}={value} is outside {interval}")
+
+
 def learning_rate_schedule(opt_cfg, max_steps: int) -> optax.Schedule:
   lr, ratio = opt_cfg.learning_rate, opt_cfg.min_lr_ratio
   warmup = opt_cfg.warmup_steps or int(round(opt_cfg.warmup_ratio * max_steps))
   decay_steps = max(max_steps - warmup, 1)
   kind = opt_cfg.schedule
-  if kind not in SCHEDULES:
-    raise ValueError(f"config.optimizer.schedule={kind!r}; choose one of {SCHEDULES}")
 
   def schedule(step):
     step = jnp.asarray(step, jnp.float32)
@@ -51,6 +77,7 @@ def decay_mask(params, decay_embeddings: bool = True):
 
 def build_optimizer(opt_cfg, max_steps: int):
   """(optax transformation, schedule) for `config.optimizer`."""
+  check_optimizer_config(opt_cfg)
   schedule = learning_rate_schedule(opt_cfg, max_steps)
   mask = lambda p: decay_mask(p, opt_cfg.decay_embeddings)
   name = opt_cfg.name
@@ -60,11 +87,9 @@ def build_optimizer(opt_cfg, max_steps: int):
   elif name == "adafactor":
     core = optax.adafactor(schedule, weight_decay_rate=opt_cfg.weight_decay or None,
                            weight_decay_mask=mask)
-  elif name == "sgd":
+  else:  # "sgd"
     core = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay, mask),
                        optax.sgd(schedule, momentum=opt_cfg.momentum or None))
-  else:
-    raise ValueError(f"config.optimizer.name={name!r}; choose one of {OPTIMIZERS}")
   if opt_cfg.max_grad_norm > 0:
     core = optax.chain(optax.clip_by_global_norm(opt_cfg.max_grad_norm), core)
   return core, schedule

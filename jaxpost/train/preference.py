@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpost.hf import read_hf_config, resolve_model_dir
 from jaxpost.losses.dpo import PreferenceLossConfig, kto_loss, preference_loss
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.losses.reward import bradley_terry_loss
@@ -71,11 +72,32 @@ def _batch_reference(batch, frozen, ctx):
   return None, None
 
 
+def loss_config(config, paired: bool) -> PreferenceLossConfig:
+  """The run's preference loss keys (validated by PreferenceLossConfig), for pair batches
+  (algorithm "dpo") or unpaired rows (algorithm "kto")."""
+  cfg = PreferenceLossConfig.from_config(config)
+  if cfg.paired != paired:
+    raise ValueError("config.loss_type='kto' trains on unpaired rows: set config.algorithm='kto'"
+                     if paired else "config.algorithm='kto' needs config.loss_type='kto', got "
+                     f"{cfg.loss_type!r}")
+  return cfg
+
+
+def check_preference_keys(config, paired: bool):
+  """Up-front check (Algorithm.check_config) of the loss keys and of `ref.name_or_path`."""
+  cfg = loss_config(config, paired)
+  ref_cfg = config.get("ref", None)
+  name = ref_cfg.get("name_or_path", "") if ref_cfg is not None else ""
+  if name and cfg.needs_reference:
+    try:
+      read_hf_config(resolve_model_dir(name))
+    except (FileNotFoundError, NotADirectoryError) as e:
+      raise ValueError(f"config.ref.name_or_path={name!r}: {e}") from e
+
+
 def dpo_loss_fn(params, frozen, batch, rng, ctx):
   """Loop loss for `config.algorithm="dpo"` (pairwise loss types); see the module docstring."""
-  cfg = PreferenceLossConfig.from_config(ctx.config)
-  if not cfg.paired:
-    raise ValueError("config.loss_type='kto' trains on unpaired rows: set config.algorithm='kto'")
+  cfg = loss_config(ctx.config, paired=True)
   stats = sequence_stats(ctx.model, params, concat_pairs(batch), _chunk(ctx.config),
                          _dropout_rng(rng, ctx))
   (pc, pr), (nc, nr), (sc, sr) = (jnp.split(stats[k], 2) for k in ("logps", "lengths",
@@ -111,7 +133,7 @@ def mismatched_pairs(batch: dict) -> dict:
 
 def kto_loss_fn(params, frozen, batch, rng, ctx):
   """Loop loss for `config.algorithm="kto"`: unpaired rows with a 0/1 `label`."""
-  cfg = PreferenceLossConfig.from_config(ctx.config)  # kto_loss checks loss_type == "kto"
+  cfg = loss_config(ctx.config, paired=False)
   chunk = _chunk(ctx.config)
   rows = {f: batch[f] for f in FIELDS if f in batch}
   stats = sequence_stats(ctx.model, params, rows, chunk, _dropout_rng(rng, ctx))
@@ -197,8 +219,10 @@ def add_cached_reference(state, frozen, batch, ctx):
 
 
 DPO = register(Algorithm(name="dpo", loss_fn=dpo_loss_fn, loader_kind="preference",
-                         prepare_frozen=reference_model, collect=add_cached_reference))
+                         prepare_frozen=reference_model, collect=add_cached_reference,
+                         check_config=lambda config: check_preference_keys(config, paired=True)))
 KTO = register(Algorithm(name="kto", loss_fn=kto_loss_fn, loader_kind="unpaired",
-                         prepare_frozen=reference_model))
+                         prepare_frozen=reference_model,
+                         check_config=lambda config: check_preference_keys(config, paired=False)))
 RM = register(Algorithm(name="rm", loss_fn=reward_loss_fn, loader_kind="preference",
                         head="score"))

@@ -1,6 +1,7 @@
 """Before/after reports: held-out task accuracy from greedy generation, and the printed table.
 
-When `config.report.task` names a built-in task (jaxpost/data/tasks), the loop generates greedy
+When `config.report.task` names a built-in task (jaxpost/data/tasks; "auto": the one data.train
+is drawn from, jaxpost/data/heldout.py), the loop generates greedy
 answers for the first `report.examples` held-out ("eval") prompts before training and after it,
 and scores them with the task's verifier:
 
@@ -23,20 +24,22 @@ HEADLINE = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eva
 
 def task_report(policy, params, config) -> dict:
   """Greedy held-out accuracy of `params` (a LoadedModel's module/tokenizer) on report.task."""
+  from jaxpost.data.heldout import report_task
   from jaxpost.data.tasks import reward_fn, task_rows
   from jaxpost.generate import generate
-  report = config.get("report", None)
-  if report is None or not report.task or policy.head != "lm":
+  task = report_task(config)
+  if not task or policy.head != "lm":
     return {}
-  rows = task_rows(report.task, "eval", "prompt")[:report.examples]
+  report = config.report
+  rows = task_rows(task, "eval", "prompt")[:report.examples]
   prompts = [r["prompt"] for r in rows]
   log.info("task report: greedy answers to %d held-out %r prompts (up to %d new tokens)...",
-           len(prompts), report.task, report.max_new_tokens)
+           len(prompts), task, report.max_new_tokens)
   start = time.perf_counter()
   out = generate(dataclasses.replace(policy, params=params), prompts,
                  max_new_tokens=report.max_new_tokens)
-  correct = reward_fn(report.task)(prompts, out.texts, rows)
-  concise = reward_fn(report.task, format_weight=1.0)(prompts, out.texts, rows) - correct
+  correct = reward_fn(task)(prompts, out.texts, rows)
+  concise = reward_fn(task, format_weight=1.0)(prompts, out.texts, rows) - correct
   log.info("task report: accuracy %.3f on %d prompts in %.1fs", float(np.mean(correct)),
            len(prompts), time.perf_counter() - start)
   return {"task/accuracy": float(np.mean(correct)), "task/concise": float(np.mean(concise))}

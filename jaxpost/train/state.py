@@ -52,7 +52,12 @@ def model_config(model_cfg, name_or_path: str, lora: Optional[LoraSpec] = None):
 def load_sharded(model_cfg, mesh, rules, head: str = "lm", name_or_path=None,
                  seed: int = 0, lora: Optional[LoraSpec] = None) -> LoadedModel:
   """Loads (or randomly initialises, with `model_cfg.random_init`) a model whose parameters are
-  created directly with their mesh shardings; `name_or_path` defaults to the policy's."""
+  created directly with their mesh shardings; `name_or_path` defaults to the policy's. Another
+  checkpoint (`name_or_path` given: a DPO reference) is read as it is: `random_init` and
+  `overrides` shape the policy only."""
+  if name_or_path is not None and model_cfg.random_init:
+    model_cfg = model_cfg.copy_and_resolve_references()
+    model_cfg.random_init, model_cfg.overrides = False, {}
   name = model_cfg.name_or_path if name_or_path is None else name_or_path
   cfg, model_dir = model_config(model_cfg, name, lora)
   module = build_module(cfg, head)

@@ -50,13 +50,16 @@ def num_tokens(batch: dict) -> jax.Array:
 def _weighted_sum(fn, micro, weights):
   """sum_i (w_i / W) fn(microbatch_i, i) as a scan; W = sum_i w_i (1 when all are 0).
   With one microbatch this is fn(microbatch_0, 0): losses are means over their own weight, so
-  a microbatch of weight 0 has loss 0 either way."""
+  a microbatch of weight 0 has loss 0 either way. Sums are carried in at least float32 and cast
+  back to fn's dtypes (bfloat16 gradients of bfloat16 parameters)."""
   first = jax.tree.map(lambda x: x[0], micro)
   if weights.shape[0] == 1:  # no accumulation buffer needed (the one scale is w / w = 1)
     return fn(first, 0)
   total = jnp.sum(weights)
   total = jnp.where(total > 0, total, 1.0)
-  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, 0))
+  shapes = jax.eval_shape(fn, first, 0)
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)),
+                      shapes)
 
   def body(carry, xs):
     mb, w, i = xs
@@ -64,7 +67,8 @@ def _weighted_sum(fn, micro, weights):
     return jax.tree.map(lambda acc, x: acc + scale * x, carry, fn(mb, i)), None
 
   steps = jnp.arange(weights.shape[0])
-  return jax.lax.scan(body, init, (micro, weights, steps))[0]
+  sums = jax.lax.scan(body, init, (micro, weights, steps))[0]
+  return jax.tree.map(lambda x, s: x.astype(s.dtype), sums, shapes)
 
 
 def _loss_with_metrics(algorithm, ctx):
