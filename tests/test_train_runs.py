@@ -246,7 +246,8 @@ def tiny_cli_run(tmp_path_factory):
   proc = subprocess.run(TRAIN + [
       "--config=" + os.path.join(ROOT, "configs", "sft.py:tiny"), f"--config.workdir={workdir}",
       f"--config.data.train={data}", f"--config.data.eval={data}", "--config.max_steps=1",
-      "--config.batch_size=4", "--config.eval_batches=1", "--config.report.examples=2",
+      "--config.batch_size=4", "--config.eval_batches=1", "--config.report.task=arithmetic",
+      "--config.report.examples=2",
       "--config.report.max_new_tokens=2", "--config.export_hf=hf",
       "--config.checkpoint.every=1"], capture_output=True, text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]

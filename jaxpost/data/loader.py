@@ -142,12 +142,19 @@ class Loader:
     return self.table.examples[i]
 
   @functools.cached_property
-  def fingerprint(self) -> str:
-    """What a saved position is only valid for: data, order and batch shape."""
+  def fingerprint_inputs(self) -> dict:
+    """What a saved position is only valid for: data, order and batch shape (named, so a
+    mismatch on resume can say which differs)."""
     lengths = [sum(len(v) for k, v in r.items() if k.endswith("ids")) for r in self.table.records]
-    key = json.dumps([self.kind, self.batch_size, self.packing, self.stream.seed,
-                      self.stream.draws, self.stream.shuffle, list(self.buckets),
-                      hashlib.sha1(np.asarray(lengths, np.int64).tobytes()).hexdigest()])
+    return {"kind": self.kind, "batch_size": self.batch_size, "packing": self.packing,
+            "seed": self.stream.seed, "examples_per_source_per_epoch": self.stream.draws,
+            "shuffle": self.stream.shuffle, "buckets": list(self.buckets),
+            "example_lengths_sha1": hashlib.sha1(np.asarray(lengths, np.int64).tobytes())
+                                    .hexdigest()}
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    key = json.dumps(list(self.fingerprint_inputs.values()))
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
   def state(self) -> dict:
