@@ -17,7 +17,8 @@ directly), each loaded and checked by `load` at setup, before any model work:
     builtin:<task>           the verifier of built-in task <task> (jaxpost/data/tasks), named <task>;
                              arithmetic scores 1 when the final number equals the `answer`
                              column (recomputed from the prompt when there is no such column)
-    path/to/file.py:fn       `fn` from a Python file (relative paths from the working directory)
+    path/to/file.py:fn       `fn` from a Python file (relative paths from the working directory;
+                             the file runs once per version, shared by its functions)
     package.module:fn        `fn` from an importable module (`fn` may be dotted: `Class.method`)
 
 A function's metric name is its spec's name for builtins, else its `__name__`; a repeated name
@@ -118,12 +119,19 @@ def _load_error(spec: str, why: str) -> RewardError:
   return RewardError(f"{FUNCS_KEY}: cannot load reward function {spec!r}: {why}")
 
 
+_FILE_MODULES: dict[tuple[str, int], Any] = {}  # (absolute path, mtime_ns) -> module
+
+
 def _import_file(spec: str, path: str):
-  """Executes a Python file as a fresh module (registered in sys.modules under a unique name,
-  so dataclasses and pickling inside it work)."""
+  """Executes a Python file as a module, once per version of the file (several functions of one
+  file share it); registered in sys.modules under a unique name so dataclasses and pickling in it
+  work."""
   full = os.path.abspath(path)
   if not os.path.isfile(full):
     raise _load_error(spec, f"no file {full}")
+  key = (full, os.stat(full).st_mtime_ns)
+  if key in _FILE_MODULES:
+    return _FILE_MODULES[key]
   name = f"_jaxpost_reward_{os.path.splitext(os.path.basename(full))[0]}_{zlib.crc32(full.encode())}"
   module_spec = importlib.util.spec_from_file_location(name, full)
   module = importlib.util.module_from_spec(module_spec)
@@ -133,6 +141,7 @@ def _import_file(spec: str, path: str):
   except Exception as err:  # SyntaxError, ImportError, anything its top level raises
     del sys.modules[name]
     raise _load_error(spec, f"{full} failed to import: {type(err).__name__}: {err}") from err
+  _FILE_MODULES[key] = module
   return module
 
 
@@ -214,7 +223,8 @@ def parse_weights(weights, count: int) -> np.ndarray:
 
 
 def load(funcs, weights=None) -> RewardFunctions:
-  """Loads and checks `reward.funcs` / `reward.weights` (raises RewardError naming the key)."""
+  """Loads and checks `reward.funcs` / `reward.weights` at setup (a RewardError names the key
+  and the spec); the result scores a batch: `load(...)(prompts, completions, columns) -> Scores`."""
   loaded = [load_function(spec) for spec in parse_specs(funcs)]
   names = _unique([name for name, _, _ in loaded])
   functions = tuple(RewardFunction(name, spec, fn)
@@ -282,11 +292,15 @@ class RewardFunctions:
       i = self._failing_row(func, prompts, completions, columns)
       why = "" if i is not None else " (on the whole batch; no single row fails alone)"
       raise self._error(func, prompts, i, f"raised {type(err).__name__}: {err}{why}") from err
-    if isinstance(out, (str, bytes, Mapping)) or not hasattr(out, "__len__"):
+    try:
+      count = None if isinstance(out, (str, bytes, Mapping)) else len(out)
+    except TypeError:
+      count = None
+    if count is None:
       raise self._error(func, prompts, None, f"must return a list of float | None, got "
                                              f"{type(out).__name__}")
-    if len(out) != len(completions):
-      raise self._error(func, prompts, None, f"returned {len(out)} rewards for "
+    if count != len(completions):
+      raise self._error(func, prompts, None, f"returned {count} rewards for "
                                              f"{len(completions)} completions")
     values = np.full(len(completions), np.nan)
     for i, value in enumerate(out):

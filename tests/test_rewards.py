@@ -40,6 +40,10 @@ def file_funcs(tmp_path):
       def boom_on_x(prompts, completions, **kwargs):
         return [1 / 0 if c == "x" else 1.0 for c in completions]
 
+      def arrays(completions, **kwargs):
+        import numpy
+        return [numpy.float32(0.5), numpy.asarray(2), numpy.asarray(-1.5), True][:len(completions)]
+
       def boom_batch(prompts, completions, **kwargs):
         if len(completions) > 1:
           raise RuntimeError("batched scorer is down")
@@ -69,6 +73,9 @@ def test_file_and_module_functions(file_funcs, tmp_path, monkeypatch):
   scores = fns(["p", "p"], ["ab", "abcd"], {"value": [0.25, -2]})
   np.testing.assert_array_equal(scores.per_function, [[1, 0], [0.25, -2]])
   np.testing.assert_allclose(scores.total, [1.25, -2])
+  assert fns.functions[0].fn.__globals__ is fns.functions[1].fn.__globals__  # executed once
+  assert rewards.load(f"{file_funcs}:arrays")(["p"] * 4, list("abcd")).total.tolist() == [
+      0.5, 2, -1.5, 1]  # numpy scalars, 0-d arrays and bools are numbers
 
   package = tmp_path / "jp_reward_pkg"
   package.mkdir()
@@ -135,6 +142,8 @@ def test_metrics_by_hand(file_funcs):
 @pytest.mark.parametrize("source, pattern", [
     ("return [1.0]", r"returned 1 rewards for 3 completions"),
     ("return 1.0", r"must return a list of float \| None, got float"),
+    ("return (r for r in [1.0] * 3)", r"must return a list of float \| None, got generator"),
+    ("return [1.0, 2j, 0.0]", r"at row 1 \(prompt 'prompt 1'\): returned complex 2j"),
     ("return [1.0, 'high', 0.0]", r"at row 1 \(prompt 'prompt 1'\): returned str 'high', not a number"),
     ("return [1.0, 0.0, float('nan')]", r"at row 2 \(prompt 'prompt 2'\): returned nan"),
     ("return [float('-inf'), 0.0, 0.0]", r"at row 0 \(prompt 'prompt 0'\): returned -inf"),
