@@ -146,10 +146,12 @@ def _compacted_stats(h, kernel, ids, wanted, chunk: int, temperature) -> dict:
   return {k: unsort(v) for k, v in out.items()}
 
 
-def token_logprobs(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None):
-  """[B, T] fp32 with out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]); out[:, 0] = 0
-  (and 0 where `mask` == 0 when a mask is given)."""
-  return token_stats(hidden, kernel, input_ids, chunk_size, mask)["logprobs"]
+def token_logprobs(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
+                   temperature: float = 1.0):
+  """[B, T] fp32 with out[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) at `temperature`;
+  out[:, 0] = 0 (and 0 where `mask` == 0 when a mask is given)."""
+  return token_stats(hidden, kernel, input_ids, chunk_size, mask,
+                     temperature=temperature)["logprobs"]
 
 
 def sequence_logprobs(token_lp, loss_mask, average: bool = False):
