@@ -15,7 +15,10 @@ Each token comes with `logprobs` = log softmax(z)[y] (the raw model distribution
 log-prob PPO's ratio needs) and `sampling_logprobs` = log q(y) (0 under greedy).
 
 Row r draws step t with key fold_in(fold_in(key(seed), r), t), so a row's samples do not depend on
-the other rows, the bucket padding or the sharding. Shapes are bucketed (batch, prompt length and
+the other rows, the bucket padding or the sharding. With `num_samples` = G the prefill runs once
+per distinct prompt ([B] rows) and its caches and last logits are repeated to [B * G] rows (row
+i * G + j is sample j of prompt i) before the first draw: the same rows as G copies of each
+prompt, for 1/G of the prefill. Shapes are bucketed (batch, prompt length and
 new-token budget to powers of two) so a run compiles a few times, not per call.
 """
 
@@ -145,10 +148,12 @@ def _emit(state, logits, plan, knobs, stop_ids, pad_id):
               stopped=state["stopped"] | hit)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "plan", "num_new", "cache_dtype", "sharding"))
+@functools.partial(jax.jit, static_argnames=("model", "plan", "num_new", "cache_dtype", "sharding",
+                                             "num_samples"))
 def start(model, params, layers, prompt_ids, prompt_mask, row_keys, live, knobs, stop_ids, pad_id,
-          *, plan, num_new, cache_dtype=None, sharding=None):
-  """Prefill + first token. Returns the decode state (a pytree of device arrays)."""
+          *, plan, num_new, cache_dtype=None, sharding=None, num_samples: int = 1):
+  """Prefill of the [B, P] prompts + first token of each of the B * `num_samples` rows (`row_keys`,
+  `live`: [B * num_samples]). Returns the decode state (a pytree of device arrays)."""
   b, p = prompt_ids.shape
   prompt_mask = prompt_mask.astype(jnp.int32)
   caches = jax.tree.map(lambda c: _constrain(c, sharding),
@@ -156,6 +161,11 @@ def start(model, params, layers, prompt_ids, prompt_mask, row_keys, live, knobs,
   kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, num_new), jnp.int32)], axis=1)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
   logits, caches = forward_cached(model, params, layers, prompt_ids, positions, kv_mask, caches, 0)
+  if num_samples > 1:  # broadcast each prompt's prefill to its samples
+    repeat = lambda x: _constrain(jnp.repeat(x, num_samples, axis=0), sharding)
+    logits, caches, kv_mask, prompt_mask = jax.tree.map(
+        repeat, (logits, caches, kv_mask, prompt_mask))
+    b *= num_samples
   state = dict(
       caches=caches, kv_mask=kv_mask, step=jnp.int32(0), last=jnp.zeros((b,), jnp.int32),
       pos=prompt_mask.sum(-1), keys=row_keys, done=~live, stopped=jnp.zeros((b,), bool),
@@ -199,36 +209,39 @@ def sample_tokens(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens
                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                   min_p: float = 0.0, stop_token_ids: Optional[Sequence[int]] = None,
                   pad_token_id: Optional[int] = None, row_ids=None, cache_dtype=None,
-                  sharding: Optional[NamedSharding] = None):
+                  sharding: Optional[NamedSharding] = None, num_samples: int = 1):
   """Samples up to `max_new_tokens` per row from left-padded int arrays; jit-friendly.
 
-  Sampling arguments and `max_new_tokens` must be Python numbers (they fix the compiled
-  structure); `prompt_ids`/`prompt_mask` [B, P], `rng` a PRNG key, `row_ids` [B] (default
-  arange(B)) pick each row's random stream. `stop_token_ids` default to the config's EOS ids.
+  Sampling arguments, `max_new_tokens` and `num_samples` must be Python numbers (they fix the
+  compiled structure); `prompt_ids`/`prompt_mask` [B, P], `rng` a PRNG key. `num_samples` = G
+  draws G rows per prompt from one shared prefill: R = B * G rows, row i * G + j is sample j of
+  prompt i. `row_ids` [R] (default arange(R)) pick each row's random stream. `stop_token_ids`
+  default to the config's EOS ids.
   `sharding`: a NamedSharding whose spec[0] names the mesh axes the batch is split over.
-  Returns a dict: `tokens` [B, N] (pad after a row stops; the stop token is included),
-  `mask` [B, N] (1 on generated tokens), `lengths` [B], `stopped` [B] (stop token vs length),
-  `logprobs` and `sampling_logprobs` [B, N] (0 on padding).
+  Returns a dict: `tokens` [R, N] (pad after a row stops; the stop token is included),
+  `mask` [R, N] (1 on generated tokens), `lengths` [R], `stopped` [R] (stop token vs length),
+  `logprobs` and `sampling_logprobs` [R, N] (0 on padding).
   """
   cfg = model.cfg
   stop = tuple(eos_ids(cfg) if stop_token_ids is None else stop_token_ids)
-  validate_sampling(cfg, max_new_tokens, temperature, top_k, top_p, min_p, stop)
+  validate_sampling(cfg, max_new_tokens, temperature, top_k, top_p, min_p, stop, num_samples)
   plan, knobs = Plan.make(temperature, top_k, top_p, min_p)
-  pad = _pad_id(cfg) if pad_token_id is None else pad_token_id
+  pad = default_pad_id(cfg) if pad_token_id is None else pad_token_id
   stop_arr = stop_array(stop)
-  b = prompt_ids.shape[0]
+  b = prompt_ids.shape[0] * num_samples
   keys = row_keys(rng, jnp.arange(b) if row_ids is None else row_ids)
   layers = split_layers(params, cfg)
   state = start(model, params, layers, prompt_ids, prompt_mask, keys, jnp.ones((b,), bool), knobs,
                 stop_arr, pad, plan=plan, num_new=max_new_tokens, cache_dtype=cache_dtype,
-                sharding=sharding)
+                sharding=sharding, num_samples=num_samples)
   state = run(model, params, layers, state, max_new_tokens, knobs, stop_arr, pad, plan=plan)
   mask = jnp.arange(max_new_tokens)[None] < state["lengths"][:, None]
   return {k: state[k] for k in ("tokens", "lengths", "stopped", "logprobs", "sampling_logprobs")
           } | {"mask": mask.astype(jnp.int32)}
 
 
-def _pad_id(cfg) -> int:
+def default_pad_id(cfg) -> int:
+  """The config's pad id, else its first EOS id, else 0."""
   if cfg.pad_token_id is not None:
     return int(cfg.pad_token_id)
   return (eos_ids(cfg) or (0,))[0]
@@ -303,7 +316,7 @@ class _Engine:
 
   def __init__(self, lm, plan, knobs, stop, stop_strings, seed, mesh, batch_axes, cache_dtype):
     self.lm, self.plan, self.knobs, self.stop_strings = lm, plan, knobs, stop_strings
-    self.stop_arr, self.pad = stop_array(stop), _pad_id(lm.config)
+    self.stop_arr, self.pad = stop_array(stop), default_pad_id(lm.config)
     self.rng = jax.random.PRNGKey(seed)
     self.sharding, self.cache_dtype = batch_sharding(mesh, batch_axes), cache_dtype
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)

@@ -41,6 +41,21 @@ def test_chunked_equals_full_values_and_grads(chunk):
                               jax.grad(full, (0, 1))(hidden, kernel), atol=1e-5)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_temperature_scales_logits_values_and_grads(masked):
+  """At temperature T the log-probs (and their gradient) are those of log_softmax(h W / T)."""
+  hidden, kernel, ids = _inputs(2)
+  mask = (jax.random.uniform(jax.random.PRNGKey(4), (B, T)) < 0.5) if masked else None
+  keep = jnp.ones((B, T)) if mask is None else mask.astype(jnp.float32)
+  ours = lambda h, w: logprobs.token_logprobs(h, w, ids, 4, mask, temperature=0.6)
+  full = lambda h, w: _reference(h, w / 0.6, ids) * keep
+  chex.assert_trees_all_close(ours(hidden, kernel), full(hidden, kernel), atol=1e-5)
+  assert float(jnp.abs(ours(hidden, kernel) - _reference(hidden, kernel, ids) * keep).max()) > 0.1
+  total = lambda f: lambda h, w: jnp.sum(f(h, w))
+  chex.assert_trees_all_close(jax.grad(total(ours), (0, 1))(hidden, kernel),
+                              jax.grad(total(full), (0, 1))(hidden, kernel), atol=1e-5)
+
+
 def test_stats_match_direct_computation():
   hidden, kernel, ids = _inputs(1)
   stats = logprobs.token_stats(hidden, kernel, ids, chunk_size=4)
