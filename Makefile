@@ -39,7 +39,7 @@ train: setup
 	$(PY) scripts/train.py --config=configs/dpo.py
 
 test: setup-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) workdir
