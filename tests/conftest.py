@@ -50,6 +50,20 @@ def bundled_dir():
   return resolve_model_dir("bundled:smollm2-135m-instruct")
 
 
+def run_on_fake_devices(script: str, devices: int, timeout: int = 600):
+  """Runs the Python `script` in a child process with `devices` fake CPU devices (XLA flag),
+  this checkout first on the path; asserts it exits 0 and prints OK."""
+  import subprocess
+  import sys
+  from pathlib import Path
+  root = Path(__file__).parents[1]
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(root))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                        cwd=root, timeout=timeout)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
 def word_tokenizer(words, specials, pad=None, unk=None, template=None):
   """A word-level fast tokenizer (instant to load): `specials` get ids 0.., then `words`; BOS
   `<s>` and EOS `</s>` must be among `specials`; unknown words map to `unk` (default: the

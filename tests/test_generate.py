@@ -1,11 +1,6 @@
 """Generation engine: parity with transformers' greedy generate, exact log-probs, sampling filters,
 stop handling, batching invariance, bucketed compiles, bad input and mesh sharding."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -14,6 +9,7 @@ from jaxpost.generate import generate, run, sample_tokens, start
 from jaxpost.hf import LoadedModel, load_tokenizer
 from jaxpost.models.config import LlamaConfig
 from jaxpost.models.llama import LlamaForCausalLM, init_params
+from tests.conftest import run_on_fake_devices
 
 VOCAB = 49152  # the bundled tokenizer's, so text prompts and stop strings work on a tiny model
 CHAT = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -226,8 +222,4 @@ print("OK")
 
 
 def test_batch_sharded_over_mesh_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parents[1]))
-  proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
-                        cwd=Path(__file__).parents[1], timeout=300)
-  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+  run_on_fake_devices(SHARDED, devices=4, timeout=300)

@@ -1,11 +1,6 @@
 """Rollouts (algos/rollout.py): recomputed log-probs == a full training forward, shared prefill ==
 separate prefills, completion masks through the EOS, determinism, and 8 devices == 1."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -16,6 +11,7 @@ from jaxpost.generate import generate, sample_tokens
 from jaxpost.generation_io import encode_prompts
 from jaxpost.hf import LoadedModel, load_tokenizer
 from jaxpost.models.llama import LlamaForCausalLM, init_params
+from tests.conftest import run_on_fake_devices
 from tests.test_generate import tiny_config
 
 PROMPTS = ["What is 12 times 7?", "Name a prime number larger than ten, please."]
@@ -155,8 +151,4 @@ print("OK")
 
 
 def test_eight_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(Path(__file__).parents[1]))
-  proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
-                        cwd=Path(__file__).parents[1], timeout=600)
-  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+  run_on_fake_devices(SHARDED, devices=8)
