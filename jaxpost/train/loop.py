@@ -415,7 +415,7 @@ class Trainer:
     if "before" in evals:
       out.update({f"{k}_before": v for k, v in evals["before"].items()})
       table = format_report(evals["before"], out, step)
-      if jax.process_index() == 0:
+      if jax.process_index() == 0 and not self.stop_requested:  # preempted: no "after" yet
         print(f"Before/after training (eval: {self.eval_description}):\n{table}" if table
               else f"No before/after table: {self.eval_description}")
     out["preempted"], out["complete"] = self.stop_requested, False
