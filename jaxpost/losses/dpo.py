@@ -47,6 +47,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxpost.losses.sft import masked_mean
+
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
 SMOOTHED = ("sigmoid", "robust", "simpo")  # the losses that use label_smoothing
@@ -194,10 +196,6 @@ def preference_loss(cfg: PreferenceLossConfig, policy_chosen_logps, policy_rejec
   return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
 
-def _masked_mean(x, mask):
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def kto_loss(cfg: PreferenceLossConfig, policy_logps, lengths, labels, ref_logps=None,
              policy_kl_logps=None, ref_kl_logps=None, logits_sum=None):
   """KTO (Ethayarajh et al. 2024, Eq. 7, as TRL implements it) -> (scalar loss, metrics).
@@ -240,10 +238,10 @@ def kto_loss(cfg: PreferenceLossConfig, policy_logps, lengths, labels, ref_logps
   rewards = jax.lax.stop_gradient(cfg.beta * ratio)
   metrics = {
       "kl": kl,
-      "rewards/chosen": _masked_mean(rewards, good),
-      "rewards/rejected": _masked_mean(rewards, 1 - good),
-      "logps/chosen": _masked_mean(pi, good),
-      "logps/rejected": _masked_mean(pi, 1 - good),
+      "rewards/chosen": masked_mean(rewards, good),
+      "rewards/rejected": masked_mean(rewards, 1 - good),
+      "logps/chosen": masked_mean(pi, good),
+      "logps/rejected": masked_mean(pi, 1 - good),
       **extra,
   }
   metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
