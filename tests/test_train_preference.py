@@ -182,8 +182,8 @@ def test_reference_cache(lm, tmp_path):
   assert len(cache.table) == 5 and len(list((tmp_path / "ref_logps").glob("*.npz"))) == 1
   # A training batch with other rows, order and padding finds the same values.
   batch = batching.preference_batch([records[3], records[0]], (16,), 0)
-  with_ref = next(add_cached_reference(None, {}, batch, LossContext(model, None, True,
-                                                                    {"ref_cache": cache})))
+  with_ref = add_cached_reference(batch, {}, LossContext(model, None, True,
+                                                        {"ref_cache": cache}))
   rc, rr = score(batch)
   np.testing.assert_allclose(with_ref["ref_chosen_logps"], rc, rtol=1e-5)
   np.testing.assert_allclose(with_ref["ref_rejected_logps"], rr, rtol=1e-5)
@@ -192,7 +192,7 @@ def test_reference_cache(lm, tmp_path):
     raise AssertionError("scored again")
   again = RefCache.build(no_scoring, loader, str(tmp_path), "ref", draws=10)
   assert again.table.keys() == cache.table.keys()
-  plain = next(add_cached_reference(None, {}, batch, LossContext(model, None)))
+  plain = add_cached_reference(batch, {}, LossContext(model, None))
   assert "ref_chosen_logps" not in plain
 
 

@@ -17,7 +17,7 @@ from jaxpost.losses import sft  # noqa: E402
 from jaxpost.train import algorithms, optim  # noqa: E402
 from jaxpost.train import sharding as sh  # noqa: E402
 from jaxpost.train.state import create_train_state, load_sharded  # noqa: E402
-from jaxpost.train.step import make_train_step  # noqa: E402
+from jaxpost.train.step import gradient_step  # noqa: E402
 from jaxpost.train.synthetic import SyntheticLoader  # noqa: E402
 
 
@@ -31,7 +31,7 @@ def _run_steps(grad_accum, batch, num_steps=2):
     state, state_sh = create_train_state(policy.params, tx, c.seed, mesh)
     ctx = algorithms.LossContext(policy.model, c)
     algo = algorithms.get("sft")
-    step = jax.jit(make_train_step(algo, ctx, tx, schedule, grad_accum, mesh, state_sh.params))
+    step = jax.jit(gradient_step(algo, ctx, tx, schedule, grad_accum, mesh, state_sh.params))
     init_params = jax.device_get(state.params)
     losses = []
     for _ in range(num_steps):

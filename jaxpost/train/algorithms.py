@@ -9,7 +9,8 @@ An algorithm is an `Algorithm` record registered under the name that `config.alg
         head="lm",                       # trainable model head: "lm" or "score"
         weight_fn=examples,              # weight of a microbatch in the accumulated mean
         prepare_frozen=reference_model,  # optional: builds the frozen trees (e.g. the reference)
-        collect=None,                    # optional: host-side collect phase (PPO/GRPO/RLOO)
+        collect=None,                    # optional: host-side batch transform before the step
+        make_step=None,                  # optional: the whole loop step (rollout algorithms)
         finalize_metrics=None,           # optional: derived metrics from the averaged ones
         check_config=check_dpo_keys,     # optional: raises on a bad value of its own keys
     ))
@@ -36,11 +37,21 @@ Contract, in the order the loop uses it:
 * `weight_fn(microbatch) -> scalar`: the step returns sum_i w_i loss_i / sum_i w_i over the
   microbatches (and weights metrics the same way), so gradient accumulation is exact when
   `loss_i` is a mean over `w_i` units (tokens for SFT, pairs for DPO). Default: number of rows.
-* `collect(state, frozen, batch, ctx: LossContext) -> iterable of batches` (optional) runs on the
-  host between loader and step (it may call its own jitted functions: generation, scoring,
-  reference log-probs, advantages); the loop runs one optimiser step per yielded batch, so
-  "epochs x minibatches" over a collected rollout is simply a generator. A checkpoint taken
-  inside a rollout resumes at the next loader batch.
+* `collect(batch, frozen, ctx: LossContext) -> batch` (optional) runs on the host between the
+  loader and the step (e.g. adds cached reference log-probs); it never sees the train state,
+  which the step donates.
+* `make_step(setup: StepSetup) -> step(state, frozen, batch) -> (state, metrics)` (optional)
+  supplies the whole loop step. Default (`jaxpost/train/step.py` `train_step`): one jitted
+  optimiser update with the state donated. Rollout algorithms make one step one ITERATION
+  (sample -> reward -> advantages -> `scan_updates` over epochs x minibatches), so checkpoints,
+  SIGTERM and evals fall on iteration boundaries; such a step may run Python between jitted
+  parts and add host scalars (timings) to its metrics. `metrics` must hold the keys
+  `gradient_step` returns (loss, grad/update/param norms, learning_rate, tokens, finite); a
+  `flops` entry, when present, replaces the loop's estimate from the loader batch (for MFU).
+* `updates_per_step(config) -> int` (optional, default 1): optimiser updates per loop step; the
+  LR schedule's horizon is max_steps x this, since `TrainState.step` counts updates.
+* `init_extra(config) -> dict of arrays` (optional, default {}): initial `TrainState.extra`,
+  algorithm state that is checkpointed and restored with the train state.
 * `finalize_metrics(metrics) -> metrics` (optional) derives metrics from averaged ones (SFT adds
   perplexity = exp(loss)).
 
@@ -55,7 +66,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax.numpy as jnp
 
@@ -112,6 +123,36 @@ def no_frozen(ctx: SetupContext):
 
 
 @dataclasses.dataclass(frozen=True)
+class StepSetup:
+  """What `make_step` receives: the run config and algorithm, the loss context, the optimiser
+  and its schedule (in updates), the mesh and the shardings of the state, frozen trees and
+  batches, the policy (`LoadedModel` without params: module, tokenizer, model config; the params
+  are `state.params`, with LoRA applied through `applied_params`) and the train loader (e.g.
+  `loader.example(row)` for the prompt rows behind a prompt batch)."""
+  config: Any
+  algorithm: "Algorithm"
+  ctx: LossContext
+  tx: Any
+  schedule: Callable
+  mesh: Any
+  state_shardings: Any
+  frozen_shardings: Any
+  batch_sharding: Any
+  policy: Any
+  loader: Any = None
+
+
+def one_update(config) -> int:
+  del config
+  return 1
+
+
+def no_extra(config) -> dict:
+  del config
+  return {}
+
+
+@dataclasses.dataclass(frozen=True)
 class Algorithm:
   name: str
   loss_fn: Callable
@@ -119,7 +160,10 @@ class Algorithm:
   head: str = "lm"
   weight_fn: Callable = examples
   prepare_frozen: Callable = no_frozen
-  collect: Optional[Callable[..., Iterable[dict]]] = None
+  collect: Optional[Callable[..., dict]] = None
+  make_step: Optional[Callable[[StepSetup], Callable]] = None
+  updates_per_step: Callable[[Any], int] = one_update
+  init_extra: Callable[[Any], dict] = no_extra
   finalize_metrics: Optional[Callable[[dict], dict]] = None
   check_config: Optional[Callable[[Any], None]] = None
 

@@ -104,14 +104,16 @@ def load_trained(workdir, step: Optional[int] = None) -> LoadedModel:
   if lora is None:
     cfg, model_dir = model_config(config.model, config.model.name_or_path)
     module = build_module(cfg, head)
-    state, _, _ = ckpt.restore(step, abstract_train_state(module, tx, mesh, rules))
+    extra = algorithms.get(config.algorithm).init_extra(config)
+    state, _, _ = ckpt.restore(step, abstract_train_state(module, tx, mesh, rules, extra))
     tokenizer = load_tokenizer(model_dir) if model_dir else None
     lm = LoadedModel(module, jax.device_get(state.params), tokenizer, cfg, head, source)
   else:
     with jax.set_mesh(mesh):
       policy = load_sharded(config.model, mesh, rules, head, seed=config.seed, lora=lora)
     trainable, base = lora_lib.split_trainable(policy.params, lora, jax.random.PRNGKey(0))
-    state, state_sh = create_train_state(trainable, tx, config.seed, mesh)
+    state, state_sh = create_train_state(trainable, tx, config.seed, mesh,
+                                         algorithms.get(config.algorithm).init_extra(config))
     state, _, _ = ckpt.restore(step, abstract_like(state, state_sh))
     params = jax.device_get(lora_lib.combine(base, state.params))
     lm = dataclasses.replace(policy, params=params, source=source)

@@ -3,7 +3,8 @@
     distributed init -> config checks (validate.py; nothing loaded yet) -> (a run already at
     max_steps: return `complete`) -> mesh -> policy -> loaders (num_epochs -> max_steps) ->
     frozen trees -> sharded state -> resume from the newest usable checkpoint
-    -> repeat: next batch -> [collect] -> jitted step
+    -> repeat: next batch -> [collect] -> the algorithm's step (default: one jitted, donated
+               optimiser update; rollout algorithms: one iteration, algorithms.py `make_step`)
                every log_every: fetch device metrics, check them and the last async save,
                                 write a record
                every eval_every: eval loss (+ perplexity) on `eval_batches` batches of eval
@@ -45,7 +46,7 @@ from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, progress
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import format_report, task_report
-from jaxpost.train.step import make_eval_step, make_train_step
+from jaxpost.train.step import make_eval_step, train_step
 from jaxpost.train.validate import check as check_config
 
 log = logging.getLogger("jaxpost.train")
@@ -142,8 +143,10 @@ class Trainer:
         self.loader))
     if self.lora is not None:
       self.frozen[algorithms.LORA_BASE] = base
-    tx, schedule = build_optimizer(config.optimizer, config.max_steps)
-    self.state, state_sh = create_train_state(trainable, tx, config.seed, mesh)
+    tx, schedule = build_optimizer(config.optimizer,
+                                   config.max_steps * algorithm.updates_per_step(config))
+    self.state, state_sh = create_train_state(trainable, tx, config.seed, mesh,
+                                              algorithm.init_extra(config))
     self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
     self.ctx = algorithms.LossContext(self.policy.model, config, True, modules)
     self._jit_steps(tx, schedule, state_sh)
@@ -166,15 +169,15 @@ class Trainer:
     return trainable, base
 
   def _jit_steps(self, tx, schedule, state_sh):
-    """The train step (state donated) and eval step, with explicit in/out shardings."""
+    """The loop step (the algorithm's `make_step`, default: the jitted gradient step with the
+    state donated) and the eval step, with explicit in/out shardings."""
     cfg, mesh = self.config, self.mesh
     frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
     self._batch_sharding = sh.batch_sharding(mesh)
     rep = sh.replicated(mesh)
-    step = make_train_step(self.algorithm, self.ctx, tx, schedule, cfg.grad_accum, mesh,
-                           state_sh.params)
-    self.train_step = jax.jit(step, in_shardings=(state_sh, frozen_sh, self._batch_sharding),
-                              out_shardings=(state_sh, rep), donate_argnums=(0,))
+    setup = algorithms.StepSetup(cfg, self.algorithm, self.ctx, tx, schedule, mesh, state_sh,
+                                 frozen_sh, self._batch_sharding, self.policy, self.loader)
+    self.train_step = (self.algorithm.make_step or train_step)(setup)
     eval_ctx = dataclasses.replace(self.ctx, training=False)
     self.eval_step = jax.jit(
         make_eval_step(self.algorithm, eval_ctx, cfg.grad_accum, mesh),
@@ -213,8 +216,9 @@ class Trainer:
     step, self.state, meta = restored
     self._check_same_stream(step, meta)
     self.loader.restore(meta["data"])
-    log.info("Resumed from %s at step %d", self.ckpt.directory, step)
-    return int(jax.device_get(self.state.step))
+    log.info("Resumed from %s at step %d (%d optimiser updates)", self.ckpt.directory, step,
+             int(jax.device_get(self.state.step)))
+    return step
 
   def _check_same_stream(self, step: int, meta: dict):
     """`ResumeError` naming what differs when the checkpoint's data position was saved for a
@@ -234,12 +238,11 @@ class Trainer:
     return sh.global_batch(batch, self._batch_sharding, jax.process_count())
 
   def _batches(self):
-    """Loader batches, or what the algorithm's collect phase makes of each."""
+    """Loader batches, each through the algorithm's collect phase when it has one."""
     for batch in self.loader:
-      if self.algorithm.collect is None:
-        yield batch
-      else:
-        yield from self.algorithm.collect(self.state, self.frozen, batch, self.ctx)
+      if self.algorithm.collect is not None:
+        batch = self.algorithm.collect(batch, self.frozen, self.ctx)
+      yield batch
 
   # ------------------------------------------------------------------------------- loop
 
@@ -312,9 +315,10 @@ class Trainer:
     for (s, _, _, _), m in zip(self.pending, fetched):
       self._check_step(s, m)
     record = {k: float(np.mean([m[k] for m in fetched]))
-              for k in fetched[0] if k not in ("finite", "tokens")}
+              for k in fetched[0] if k not in ("finite", "tokens", "flops")}
     record["learning_rate"] = float(fetched[-1]["learning_rate"])
-    timed = [(m, f) for (_, _, f, t), m in zip(self.pending, fetched) if t]
+    timed = [(m, float(m.get("flops", f))) for (_, _, f, t), m in zip(self.pending, fetched)
+             if t]
     if timed:
       record.update(self._throughput(timed, elapsed))
     if self.compile_time is not None:

@@ -211,11 +211,11 @@ def _reference_cache(ctx: SetupContext, module, params, name: str):
                         show_progress=config.metrics.progress_bar)
 
 
-def add_cached_reference(state, frozen, batch, ctx):
+def add_cached_reference(batch, frozen, ctx):
   """Collect phase of "dpo": adds the cached reference log-probs when precompute_ref is on."""
-  del state, frozen
+  del frozen
   cache = ctx.modules.get("ref_cache")
-  yield batch if cache is None else cache.add_to(batch)
+  return batch if cache is None else cache.add_to(batch)
 
 
 DPO = register(Algorithm(name="dpo", loss_fn=dpo_loss_fn, loader_kind="preference",

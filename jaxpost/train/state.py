@@ -1,8 +1,12 @@
 """Train state and model construction, created directly with their final shardings.
 
-`TrainState` holds only what the optimiser updates plus the step counter and RNG:
+`TrainState` holds what the optimiser updates plus what must resume exactly:
 
-    step: int32 []    params: trainable tree (fp32 master)    opt_state    rng: PRNGKey
+    step: int32 [] optimiser updates so far (the LR schedule's clock; a rollout iteration makes
+          several)    params: trainable tree (fp32 master)    opt_state    rng: PRNGKey (dropout,
+          minibatch order, rollout sampling all derive from it)
+    extra: algorithm state that must resume (a dict of arrays, `Algorithm.init_extra`; e.g. an
+           adaptive KL coefficient), {} for most algorithms
 
 Frozen trees (a reference model, a reward model, a LoRA base) live outside it, so they have no
 optimiser state and are not donated.
@@ -31,6 +35,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  extra: Any = flax.struct.field(default_factory=dict)
 
 
 def model_config(model_cfg, name_or_path: str, lora: Optional[LoraSpec] = None):
@@ -73,19 +78,23 @@ def load_sharded(model_cfg, mesh, rules, head: str = "lm", name_or_path=None,
   return dataclasses.replace(loaded, model=module, config=cfg)
 
 
-def create_train_state(params, tx, seed: int, mesh):
-  """(state, state shardings); the optimiser state is initialised already sharded like params."""
+def create_train_state(params, tx, seed: int, mesh, extra=None):
+  """(state, state shardings); the optimiser state is initialised already sharded like params;
+  `extra` (a dict of arrays, default {}) is replicated."""
   param_sh = jax.tree.map(lambda x: x.sharding, params)
   abstract_params = jax.eval_shape(lambda p: p, params)
   opt_sh = sh.like_params(jax.eval_shape(tx.init, abstract_params), abstract_params, param_sh,
                           mesh)
   rep = sh.replicated(mesh)
-  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep)
+  extra = jax.tree.map(jnp.asarray, extra or {})
+  shardings = TrainState(step=rep, params=param_sh, opt_state=opt_sh, rng=rep,
+                         extra=jax.tree.map(lambda _: rep, extra))
   state = TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), rep),
       params=params,
       opt_state=jax.jit(tx.init, out_shardings=opt_sh)(params),
-      rng=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), rep))
+      rng=jax.device_put(jax.random.fold_in(jax.random.PRNGKey(seed), 1), rep),
+      extra=jax.device_put(extra, rep))
   return state, shardings
 
 
@@ -95,14 +104,18 @@ def abstract_like(tree, shardings):
                       tree, shardings)
 
 
-def abstract_train_state(module, tx, mesh, rules):
-  """The TrainState of `module` as sharded ShapeDtypeStructs, without reading any weights."""
+def abstract_train_state(module, tx, mesh, rules, extra=None):
+  """The TrainState of `module` as sharded ShapeDtypeStructs, without reading any weights
+  (`extra`: the algorithm's initial extra state, for its shapes)."""
   param_sh = sh.param_shardings(module, mesh, rules)
   params = jax.eval_shape(lambda: init_params(module, jax.random.PRNGKey(0)))
   opt_state = jax.eval_shape(tx.init, params)
   rep = sh.replicated(mesh)
+  extra = jax.eval_shape(lambda: jax.tree.map(jnp.asarray, extra or {}))
   shardings = TrainState(step=rep, params=param_sh, rng=rep,
-                         opt_state=sh.like_params(opt_state, params, param_sh, mesh))
+                         opt_state=sh.like_params(opt_state, params, param_sh, mesh),
+                         extra=jax.tree.map(lambda _: rep, extra))
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                        opt_state=opt_state, rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                        extra=extra)
   return abstract_like(abstract, shardings)

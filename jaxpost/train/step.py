@@ -1,4 +1,8 @@
-"""The jitted train and eval steps, shared by every algorithm.
+"""The train and eval steps, shared by every algorithm.
+
+`gradient_step` is one optimiser update; `train_step` jits it (state donated) as the default
+loop step; `scan_updates` runs it over epochs x minibatches of one batch (a rollout) as a
+`lax.scan`, the update loop of PPO / GRPO / RLOO.
 
 A global batch of B rows is split into A = `grad_accum` microbatches (row j goes to microbatch
 j mod A, so every device holds rows of every microbatch) and reduced by a `lax.scan`:
@@ -12,7 +16,8 @@ it returns device scalars, including `update_norm` = ||new params - params||, `p
 ||new params|| and `finite` (loss, gradient, update and parameter norms are all finite), which
 the loop checks at every log boundary and before every checkpoint. With LoRA, `state.params` are the
 adapters and the loss applies `frozen["lora_base"]` + adapters; gradients (and so the optimiser)
-exist for the adapters only.
+exist for the adapters only. Only `step`, `params`, `opt_state` and `rng` of the state change;
+`extra` passes through (an algorithm's own step updates it).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxpost.train.algorithms import applied_params
-from jaxpost.train.sharding import BATCH_AXES
+from jaxpost.train.sharding import BATCH_AXES, replicated
 from jaxpost.train.state import TrainState
 
 
@@ -79,8 +84,10 @@ def _loss_with_metrics(algorithm, ctx):
   return loss
 
 
-def make_train_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_shardings):
-  """step(state, frozen, batch) -> (state, metrics); jit it with donated state."""
+def gradient_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_shardings):
+  """step(state, frozen, batch) -> (state, metrics): ONE optimiser update on `batch` (split
+  into `grad_accum` microbatches), not jitted; `train_step` jits it for the loop and rollout
+  algorithms run it inside `scan_updates`."""
   loss = _loss_with_metrics(algorithm, ctx)
   grad_fn = jax.grad(loss, has_aux=True)
 
@@ -105,9 +112,57 @@ def make_train_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_s
     metrics.update(
         norms, learning_rate=jnp.asarray(schedule(state.step), jnp.float32),
         tokens=num_tokens(batch), finite=finite.astype(jnp.float32))
-    return TrainState(state.step + 1, params, opt_state, rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         rng=rng), metrics
 
   return step
+
+
+def scan_updates(update, state: TrainState, frozen, batch: dict, num_epochs: int,
+                 num_minibatches: int, mesh, rng=None):
+  """`num_epochs` passes of `update` (a `gradient_step`) over `batch` split into
+  `num_minibatches` minibatches: num_epochs x num_minibatches optimiser updates as ONE
+  `lax.scan` (PPO's "epochs x minibatches", GRPO's num_iterations).
+
+  With num_minibatches > 1 every epoch draws a fresh permutation of the rows from `rng`
+  (minibatch k of epoch e = rows perm_e[k::M], so no row is left out); with one minibatch the
+  rows keep their order. Returns (state, metrics): each metric averaged over the updates, except
+  `finite` (the minimum: one bad update marks the iteration) and `learning_rate` (the last)."""
+  rows = next(iter(batch.values())).shape[0]
+  if rows % num_minibatches:
+    raise ValueError(f"a batch of {rows} rows does not split into {num_minibatches} minibatches")
+  if num_minibatches > 1:
+    keys = jax.random.split(rng, num_epochs)
+    order = jax.vmap(lambda k: jax.random.permutation(k, rows))(keys)      # [E, R]
+  else:
+    order = jnp.broadcast_to(jnp.arange(rows), (num_epochs, rows))
+  # [E * M, R / M] row indices, update u = e * M + k taking rows order[e, k::M]
+  order = order.reshape(num_epochs, rows // num_minibatches, num_minibatches)
+  order = order.swapaxes(1, 2).reshape(num_epochs * num_minibatches, rows // num_minibatches)
+  batch_rows = NamedSharding(mesh, P(BATCH_AXES))
+
+  def body(state, index):
+    minibatch = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(jnp.take(x, index, axis=0), batch_rows)
+        if num_minibatches > 1 else x, batch)
+    return update(state, frozen, minibatch)
+
+  state, history = jax.lax.scan(body, state, order)
+  metrics = {k: jnp.mean(v) for k, v in history.items()}
+  metrics["finite"] = jnp.min(history["finite"])
+  metrics["learning_rate"] = history["learning_rate"][-1]
+  return state, metrics
+
+
+def train_step(setup):
+  """The default `Algorithm.make_step`: `gradient_step` jitted with the state donated and
+  explicit in/out shardings."""
+  update = gradient_step(setup.algorithm, setup.ctx, setup.tx, setup.schedule,
+                         setup.config.grad_accum, setup.mesh, setup.state_shardings.params)
+  return jax.jit(update, in_shardings=(setup.state_shardings, setup.frozen_shardings,
+                                       setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, replicated(setup.mesh)),
+                 donate_argnums=(0,))
 
 
 def make_eval_step(algorithm, ctx, grad_accum: int, mesh):
