@@ -10,7 +10,7 @@ documents the keys every recipe shares.
 
 import importlib
 
-RECIPES = ("sft", "rm", "dpo")
+RECIPES = ("sft", "rm", "dpo", "grpo", "rloo")
 
 
 def get(name: str):

@@ -124,6 +124,30 @@ class GRPOConfig:
     return self.epsilon
 
 
+@dataclasses.dataclass(frozen=True)
+class RLOOConfig:
+  """RLOO hyper-parameters (names and defaults as TRL 1.16's RLOOConfig; the keys of
+  `config.rloo`): the k1 penalty β in the reward, the clip range of the sequence ratio, and
+  TRL's optional batch normalisation of the advantages."""
+  num_generations: int = 8
+  beta: float = 0.05
+  epsilon: float = 0.2
+  epsilon_high: Optional[float] = None
+  normalize_advantages: bool = False
+
+  def __post_init__(self):
+    if self.epsilon_high is None:
+      object.__setattr__(self, "epsilon_high", self.epsilon)
+    if self.num_generations < 2:
+      raise ValueError(f"config.rloo.num_generations must be >= 2 (the baseline is the other "
+                       f"samples' mean), got {self.num_generations}")
+    if not 0 < self.epsilon < 1 or self.epsilon_high <= 0:
+      raise ValueError(f"config.rloo.epsilon must be in (0, 1) and epsilon_high > 0, got "
+                       f"{self.epsilon}, {self.epsilon_high}")
+    if self.beta < 0:
+      raise ValueError(f"config.rloo.beta must be >= 0, got {self.beta}")
+
+
 # --- rewards -> advantages -------------------------------------------------------------------
 
 def _grouped(rewards, num_generations: int, valid=None):

@@ -13,6 +13,7 @@ An algorithm is an `Algorithm` record registered under the name that `config.alg
         make_step=None,                  # optional: the whole loop step (rollout algorithms)
         finalize_metrics=None,           # optional: derived metrics from the averaged ones
         check_config=check_dpo_keys,     # optional: raises on a bad value of its own keys
+        evals=("loss", "task"),          # default evaluators (jaxpost/train/evals.py)
     ))
 
 Contract, in the order the loop uses it:
@@ -68,14 +69,16 @@ import importlib
 import math
 from typing import Any, Callable, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
 
 from jaxpost.losses import sft
 from jaxpost.models import lora
 
 LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
-# Modules registering the other built-in algorithms ("dpo", "kto", "rm"), imported on demand.
-BUILTIN_MODULES = ("jaxpost.train.preference",)
+# Modules registering the other built-in algorithms ("dpo", "kto", "rm", "grpo", "rloo"),
+# imported on demand.
+BUILTIN_MODULES = ("jaxpost.train.preference", "jaxpost.algos.grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +100,16 @@ class SetupContext:
   load: Callable[..., Any]
   lora: bool = False
   train_loader: Any = None
+
+  def reference(self, name_or_path: str = ""):
+    """(params, module) of a frozen reference policy: checkpoint `name_or_path`, or "" the
+    initial policy: a copy of its weights, or with LoRA the frozen base itself (the model with
+    adapters off; no second copy)."""
+    if name_or_path:
+      ref = self.load(name_or_path=name_or_path, head="lm")
+      return ref.params, ref.model
+    params = self.policy.params
+    return (params if self.lora else jax.tree.map(jnp.copy, params)), self.policy.model
 
 
 # frozen[LORA_BASE] holds the frozen base weights of a LoRA run; the trainable `params` are the
@@ -166,6 +179,7 @@ class Algorithm:
   init_extra: Callable[[Any], dict] = no_extra
   finalize_metrics: Optional[Callable[[dict], dict]] = None
   check_config: Optional[Callable[[Any], None]] = None
+  evals: tuple = ("loss", "task")
 
   def __post_init__(self):
     if self.loader_kind not in LOADER_KINDS:

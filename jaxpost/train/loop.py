@@ -189,7 +189,7 @@ class Trainer:
                                      kind, split)
     self.loader = train_loader or make("train")
     self.eval_description = "the given eval loader"
-    if eval_loader is None:
+    if eval_loader is None and "loss" in self.algorithm.evals:
       sources, _, _, self.eval_description = heldout.eval_plan(cfg.data)
       eval_loader = make("eval") if sources is not None else None
     log.info("eval data: %s", self.eval_description)

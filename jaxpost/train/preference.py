@@ -184,13 +184,8 @@ def reference_model(ctx: SetupContext):
     return {}, {}
   ref_cfg = config.get("ref", None)
   name = ref_cfg.get("name_or_path", "") if ref_cfg is not None else ""
-  if name:
-    ref = ctx.load(name_or_path=name, head="lm")
-    frozen, modules = {"ref": ref.params}, {"ref": ref.model}
-  else:  # the initial policy: a copy, or with LoRA the frozen base itself (adapters off)
-    params = ctx.policy.params
-    frozen = {"ref": params if ctx.lora else jax.tree.map(jnp.copy, params)}
-    modules = {"ref": ctx.policy.model}
+  params, module = ctx.reference(name)
+  frozen, modules = {"ref": params}, {"ref": module}
   if config.get("precompute_ref", False):
     modules["ref_cache"] = _reference_cache(ctx, modules["ref"], frozen["ref"], name)
   return frozen, modules

@@ -1,0 +1,319 @@
+"""GRPO (and Dr. GRPO, DAPO, BNPO, GSPO) and RLOO as rollout algorithms of the one loop.
+
+The math is in `jaxpost/losses/grpo.py` and `losses/kl.py`; this file is the glue. One loop step
+is one iteration on a batch of B prompts (`config.batch_size` counts prompts):
+
+    1. sample      G completions per prompt with the current policy (algos/rollout.py: decode
+                   copy in the compute dtype, each prompt prefilled once, key from state.rng),
+                   log-probs recomputed by the training forward at the sampling temperature
+    2. reward      Python reward functions on the decoded text and/or a reward model in-graph
+                   (algos/scoring.py) -> R_i, NaN = unscorable
+    3. update      one jitted function, the state donated: DAPO overlong shaping, advantages
+                   (GRPO: group-relative; RLOO: leave-one-out on the k1-penalised reward), masks
+                   (truncated completions, DAPO dynamic sampling), reference log-probs, then
+                   `scan_updates`: num_iterations (μ) x num_minibatches gradient steps of the
+                   clipped surrogate, each a `gradient_step` of the same loop
+
+so checkpoints, SIGTERM and evals fall on iteration boundaries, and a resumed run replays the
+same samples (everything random derives from `state.rng`). With μ = 1 the old log-probs are the
+update's own (stop-gradient), so ρ ≡ 1 exactly; with μ > 1 they are the rollout's.
+
+Gradient accumulation is exact for every `loss_type`: each microbatch's loss is normalised over
+itself and weighted by its completion tokens (dapo: a token mean over the accumulated batch) or
+its rows (grpo, bnpo, dr_grpo: TRL averages those per microbatch).
+
+Metrics (TRL's names): reward, reward_std, rewards/<fn>/mean|std, frac_reward_zero_std,
+completions/{mean,min,max}_length, completions/clipped_ratio, completions/mean_terminated_length,
+kl, entropy, clip_ratio/*, sampling/logp_difference/{mean,max}, time/rollout, time/update, and
+mfu/rollout, mfu/update (generation + scoring FLOPs, update FLOPs, each over its own time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxpost.algos import scoring
+from jaxpost.algos.rollout import RolloutConfig, sample_rollout
+from jaxpost.losses import grpo as grpo_math
+from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
+from jaxpost.models.config import forward_flops_per_token
+from jaxpost.train import sharding as sh
+from jaxpost.train.algorithms import Algorithm, applied_params, register
+from jaxpost.train.metrics import peak_flops_per_device
+from jaxpost.train.step import gradient_step, scan_updates
+
+ROLLOUT_STREAM, MINIBATCH_STREAM = 0x5A, 0x5B  # fold_in tags of state.rng
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
+LOOP_KEYS = ("num_iterations", "num_minibatches")  # section keys that are not loss keys
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Everything an iteration needs from the config, parsed and checked once."""
+  family: str                  # "grpo" | "rloo"
+  loss: Any                    # GRPOConfig | RLOOConfig
+  rollout: RolloutConfig
+  num_iterations: int
+  num_minibatches: int
+  chunk_size: int
+
+  @property
+  def num_generations(self) -> int:
+    return self.loss.num_generations
+
+  @property
+  def beta(self) -> float:
+    return self.loss.beta
+
+
+def _loss_config(family: str, section, max_new_tokens: int):
+  cls = grpo_math.GRPOConfig if family == "grpo" else grpo_math.RLOOConfig
+  fields = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(section) - fields - set(LOOP_KEYS))
+  if unknown:
+    raise ValueError(f"config.{family}.{unknown[0]} is not a {family} key; known: "
+                     f"{sorted(fields | set(LOOP_KEYS))}")
+  values = {k: v for k, v in section.items() if k in fields}
+  if family == "grpo":
+    values["max_completion_length"] = max_new_tokens
+  return cls(**values)
+
+
+def settings(config) -> Settings:
+  """`Settings` of a grpo / rloo run; ValueError naming the key of a bad value."""
+  family = config.algorithm
+  section = config.get(family, None)
+  if section is None:
+    raise ValueError(f"config.algorithm={family!r} needs a config.{family} section "
+                     f"(configs/{family}.py)")
+  section = section.to_dict()
+  ro = config.rollout
+  loss = _loss_config(family, section, ro.max_new_tokens)
+  for key in LOOP_KEYS:
+    if int(section.get(key, 1)) < 1:
+      raise ValueError(f"config.{family}.{key} must be >= 1, got {section.get(key)}")
+  if ro.max_new_tokens < 1 or ro.temperature < 0:
+    raise ValueError(f"config.rollout.max_new_tokens must be >= 1 and temperature >= 0, got "
+                     f"{ro.max_new_tokens}, {ro.temperature}")
+  rollout = RolloutConfig(num_generations=loss.num_generations, max_new_tokens=ro.max_new_tokens,
+                          temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p,
+                          chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)))
+  return Settings(family, loss, rollout, int(section.get("num_iterations", 1)),
+                  int(section.get("num_minibatches", 1)), rollout.chunk_size)
+
+
+def check_keys(config):
+  """Algorithm.check_config: the section, the rollout and reward keys, and that R = B x G rows
+  split into num_minibatches x grad_accum microbatches that divide over the batch mesh axes."""
+  s = settings(config)
+  scoring.check_reward_keys(config)
+  rows = config.batch_size * s.num_generations
+  parts = s.num_minibatches * config.grad_accum
+  if rows % parts:
+    raise ValueError(f"config.batch_size={config.batch_size} prompts x "
+                     f"config.{s.family}.num_generations={s.num_generations} = {rows} rows do not "
+                     f"split into config.{s.family}.num_minibatches={s.num_minibatches} x "
+                     f"config.grad_accum={config.grad_accum} microbatches")
+
+
+# --- the loss of one microbatch ----------------------------------------------------------------
+
+def rollout_loss(s: Settings, params, frozen, batch, rng, ctx):
+  """Clipped-surrogate loss of one microbatch of rollout rows (see the module docstring)."""
+  del frozen
+  stats = model_token_stats(ctx.model, params, batch, chunk_size=s.chunk_size,
+                            temperature=s.rollout.scoring_temperature,
+                            dropout_rng=rng if ctx.training else None)
+  logps, mask = stats["logprobs"], batch["loss_mask"]
+  old = batch.get("old_logps")
+  if s.family == "rloo":
+    old = jax.lax.stop_gradient(logps) if old is None else old
+    return grpo_math.rloo_loss(logps, old, batch["advantages"], mask, s.loss.epsilon,
+                               s.loss.epsilon_high, entropy=stats["entropy"])
+  return grpo_math.grpo_loss(s.loss, logps, batch["advantages"], mask, old_logps=old,
+                             ref_logps=batch.get("ref_logps"), entropy=stats["entropy"])
+
+
+def row_weights(batch) -> jax.Array:
+  """Microbatch weight: the sum of its rows' `weight` (tokens for dapo, 1 per row otherwise)."""
+  return jnp.sum(batch["weight"].astype(jnp.float32))
+
+
+# --- one iteration -----------------------------------------------------------------------------
+
+def advantages_and_mask(s: Settings, rewards, rollout: dict, ref_logps):
+  """(advantages [R], loss mask [R, L], metrics) from the rewards and the rollout."""
+  mask = rollout["completion_mask"].astype(jnp.float32)
+  if s.family == "rloo":
+    valid = jnp.isfinite(rewards)
+    metrics = {}
+    if ref_logps is not None and s.beta > 0:
+      rewards, metrics = grpo_math.rloo_rewards(rewards, rollout["logprobs"], ref_logps, mask,
+                                                s.beta)
+    adv = grpo_math.rloo_advantages(rewards, s.num_generations, valid,
+                                    s.loss.normalize_advantages)
+    return adv, mask, metrics
+  cfg = s.loss
+  if cfg.overlong_buffer > 0:
+    rewards = rewards + grpo_math.overlong_penalty(rollout["completion_lengths"],
+                                                   cfg.max_completion_length, cfg.overlong_buffer)
+  valid = jnp.isfinite(rewards)
+  adv, metrics = grpo_math.group_advantages(rewards, s.num_generations, valid, cfg.scale_rewards)
+  if cfg.mask_truncated_completions:
+    mask = grpo_math.mask_truncated_completions(mask, rollout["finished"])
+  if cfg.dynamic_sampling:
+    mask = mask * grpo_math.dynamic_sampling_mask(rewards, s.num_generations,
+                                                  valid)[:, None].astype(mask.dtype)
+  return adv, mask, {"frac_reward_zero_std": metrics["frac_reward_zero_std"]}
+
+
+def make_iteration_update(s: Settings, setup, ref_module):
+  """update(state, frozen, rollout fields, rewards) -> (state, metrics), jitted, state donated."""
+  update = gradient_step(setup.algorithm, setup.ctx, setup.tx, setup.schedule, setup.config.grad_accum,
+                         setup.mesh, setup.state_shardings.params)
+  dapo = s.family == "grpo" and s.loss.loss_type == "dapo"
+
+  def iteration(state, frozen, rollout, rewards):
+    ref_logps = None
+    if "ref" in frozen:
+      ref_logps = jax.lax.stop_gradient(model_token_stats(
+          ref_module, frozen["ref"], {**rollout, "loss_mask": rollout["completion_mask"]},
+          chunk_size=s.chunk_size, temperature=s.rollout.scoring_temperature)["logprobs"])
+    adv, mask, metrics = advantages_and_mask(s, rewards, rollout, ref_logps)
+    batch = {k: rollout[k] for k in SEQUENCE_FIELDS}
+    batch.update(loss_mask=mask, advantages=adv,
+                 weight=mask.sum(-1) if dapo else jnp.ones(mask.shape[0], jnp.float32))
+    if s.num_iterations > 1:
+      batch["old_logps"] = rollout["logprobs"]
+    if ref_logps is not None and s.family == "grpo":
+      batch["ref_logps"] = ref_logps
+    rng = jax.random.fold_in(state.rng, MINIBATCH_STREAM)
+    state, update_metrics = scan_updates(update, state, frozen, batch, s.num_iterations,
+                                         s.num_minibatches, setup.mesh, rng)
+    return state, {**update_metrics, **metrics}
+
+  rep = sh.replicated(setup.mesh)
+  return jax.jit(iteration, in_shardings=(setup.state_shardings, setup.frozen_shardings,
+                                          setup.batch_sharding, setup.batch_sharding),
+                 out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
+
+
+def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
+  """TRL's completions/* metrics from lengths [R] (tokens, EOS included) and finished [R]."""
+  lengths, finished = lengths.astype(np.float64), finished.astype(bool)
+  ended = lengths[finished] if finished.any() else np.zeros(1)
+  return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+          "completions/max_length": lengths.max(),
+          "completions/clipped_ratio": float(1.0 - finished.mean()),
+          "completions/mean_terminated_length": ended.mean(),
+          "completions/min_terminated_length": ended.min(),
+          "completions/max_terminated_length": ended.max()}
+
+
+def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads: bool,
+                    reference: bool) -> tuple[float, float]:
+  """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout
+  is the prefill of B prompts, R x N decode steps and the recompute forward of R rows of width
+  W = P + N; the update adds the reference forward and μ passes of forward + backward."""
+  width = prompt_width + s.rollout.max_new_tokens
+  forward = forward_flops_per_token(cfg, width) * rows * width
+  prompts = rows // s.num_generations
+  decode = forward_flops_per_token(cfg, width) * rows * s.rollout.max_new_tokens
+  prefill = forward_flops_per_token(cfg, prompt_width) * prompts * prompt_width
+  backward = (3 if weight_grads else 2) * forward * s.num_iterations
+  return prefill + decode + forward, backward + (forward if reference else 0.0)
+
+
+def make_step(setup):
+  """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring)."""
+  config, mesh = setup.config, setup.mesh
+  s = settings(config)
+  model = setup.policy.model
+  ref_module = setup.ctx.modules.get("ref")
+  reward_module = setup.ctx.modules.get("reward_model")
+  scorer = scoring.Scorer(scoring.load_functions(config), reward_module,
+                          setup.policy.tokenizer, setup.loader, s.num_generations)
+  lora = "lora_base" in setup.frozen_shardings
+  peak = jax.device_count() * peak_flops_per_device(config.metrics.cpu_peak_flops)
+
+  @jax.jit
+  def sample(params, frozen, batch, rng):
+    rollout = sample_rollout(model, applied_params(params, frozen), batch, rng, s.rollout, mesh)
+    fields = {**rollout.sequences(), "completion_mask": rollout.completion_mask,
+              "logprobs": rollout.logprobs, "completion_lengths": rollout.completion_lengths,
+              "finished": rollout.finished}
+    del fields["loss_mask"]
+    scores = (reward_module.scores(frozen["reward"], fields) if reward_module is not None
+              else None)
+    return fields, scores, rollout.metrics
+
+  update = make_iteration_update(s, setup, ref_module)
+
+  def step(state, frozen, batch):
+    start = time.perf_counter()
+    rng = jax.random.fold_in(state.rng, ROLLOUT_STREAM)
+    rollout, model_scores, sampling = sample(state.params, frozen, batch, rng)
+    rewards, reward_metrics = scorer(rollout["input_ids"], rollout["completion_mask"],
+                                     batch["row"], model_scores)
+    rollout_time = time.perf_counter() - start
+    rewards = jax.make_array_from_callback(rewards.shape, setup.batch_sharding,
+                                           lambda index: rewards[index])
+    state, metrics = update(state, frozen, rollout, rewards)
+    metrics = jax.device_get(metrics)
+    update_time = time.perf_counter() - start - rollout_time
+    rollout_flops, update_flops = iteration_flops(
+        s, model.cfg, batch["prompt_input_ids"].shape[1], rewards.shape[0], not lora,
+        ref_module is not None and "ref" in frozen)
+    host = completion_metrics(scoring.host_array(rollout["completion_lengths"]),
+                              scoring.host_array(rollout["finished"]))
+    metrics.update(jax.device_get(sampling), **reward_metrics, **host)
+    metrics.update({"time/rollout": rollout_time, "time/update": update_time,
+                    "mfu/rollout": rollout_flops / rollout_time / peak,
+                    "mfu/update": update_flops / update_time / peak,
+                    "flops": rollout_flops + update_flops})
+    return state, metrics
+
+  return step
+
+
+# --- frozen trees ------------------------------------------------------------------------------
+
+def rollout_frozen(ctx):
+  """prepare_frozen: the reference (when β > 0: `ref.name_or_path` or the initial policy) and
+  the reward model (`reward.model`)."""
+  s = settings(ctx.config)
+  frozen, modules = {}, {}
+  if s.beta > 0:
+    frozen["ref"], modules["ref"] = ctx.reference(ctx.config.get("ref", {}).get("name_or_path",
+                                                                                 ""))
+  params, reward_model = scoring.load_reward_model(ctx, ctx.policy.config.vocab_size)
+  if reward_model is not None:
+    frozen["reward"], modules["reward_model"] = params, reward_model
+  return frozen, modules
+
+
+def updates_per_step(config) -> int:
+  s = settings(config)
+  return s.num_iterations * s.num_minibatches
+
+
+def batch_loss(params, frozen, batch, rng, ctx):
+  """Algorithm.loss_fn: `rollout_loss` with the run's settings (parsed at trace time)."""
+  return rollout_loss(settings(ctx.config), params, frozen, batch, rng, ctx)
+
+
+def _register(name: str) -> Algorithm:
+  return register(Algorithm(
+      name=name, loss_fn=batch_loss, weight_fn=row_weights, loader_kind="prompt",
+      prepare_frozen=rollout_frozen, make_step=make_step, updates_per_step=updates_per_step,
+      check_config=check_keys, evals=("rollout", "task")))
+
+
+GRPO = _register("grpo")
+RLOO = _register("rloo")
