@@ -1,9 +1,19 @@
-"""Shared fixtures: tiny HF checkpoints of each supported family, written by transformers."""
+"""Shared fixtures: tiny HF checkpoints of each supported family, written by transformers.
+
+Every test process (subprocesses inherit the environment) shares one persistent XLA compilation
+cache: the many tiny runs compile the same programs, and a cached program loads in a fraction of
+its compile time (a tiny GRPO run: ~50 s -> ~7 s). It changes no result.
+"""
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "jaxpost-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
