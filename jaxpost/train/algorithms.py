@@ -64,7 +64,7 @@ from jaxpost.models import lora
 
 LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
 # Modules registering the other built-in algorithms ("dpo", "kto", "rm"), imported on demand.
-BUILTIN_MODULES = ("jaxpost.train.preference",)
+BUILTIN_MODULES = ("jaxpost.algos.preference",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -33,7 +33,7 @@ from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.optim import check_optimizer_config
 from jaxpost.train.state import model_config
-from jaxpost.train.synthetic import parse_spec
+from jaxpost.data.synthetic import parse_spec
 
 
 class ConfigError(ValueError):
