@@ -306,8 +306,8 @@ class _Engine:
     self.rng = jax.random.PRNGKey(seed)
     self.sharding = batch_sharding(mesh, batch_axes) if mesh is not None else None
     self.cache_dtype = cache_dtype
-    axes = () if mesh is None else self.sharding.spec[0]
-    self.shards = int(np.prod([mesh.shape[a] for a in axes]))
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    self.shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
     split = _split_jit if lm.config.scan_layers else split_layers
     self.layers = split(lm.params, lm.config)
 
