@@ -31,12 +31,13 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from jaxpost._callable_module import make_callable
 from jaxpost.generation_io import (
     GenerateResult, encode_prompts, eos_ids, find_stop_string, validate_sampling)
 from jaxpost.models.llama import DecoderLayer, LlamaForCausalLM, build_mask
+from jaxpost.train.sharding import batch_sharding, constrain_rows
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
@@ -125,14 +126,6 @@ def forward_cached(model, params, layers, ids, positions, kv_mask, caches, index
   return logits[:, 0], tuple(new)
 
 
-def _constrain(x, sharding: Optional[NamedSharding]):
-  """Splits the leading (batch) axis of `x` like `sharding` does."""
-  if sharding is None:
-    return x
-  spec = PartitionSpec(sharding.spec[0], *([None] * (x.ndim - 1)))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
-
-
 def _emit(state, logits, plan, knobs, stop_ids, pad_id):
   """Samples token `step` for every live row and records it; rows hitting a stop id finish."""
   i = state["step"]
@@ -156,13 +149,13 @@ def start(model, params, layers, prompt_ids, prompt_mask, row_keys, live, knobs,
   `live`: [B * num_samples]). Returns the decode state (a pytree of device arrays)."""
   b, p = prompt_ids.shape
   prompt_mask = prompt_mask.astype(jnp.int32)
-  caches = jax.tree.map(lambda c: _constrain(c, sharding),
+  caches = jax.tree.map(lambda c: constrain_rows(c, sharding),
                         init_caches(model.cfg, b, p + num_new, cache_dtype))
   kv_mask = jnp.concatenate([prompt_mask, jnp.zeros((b, num_new), jnp.int32)], axis=1)
   positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=-1) - 1, 0)
   logits, caches = forward_cached(model, params, layers, prompt_ids, positions, kv_mask, caches, 0)
   if num_samples > 1:  # broadcast each prompt's prefill to its samples
-    repeat = lambda x: _constrain(jnp.repeat(x, num_samples, axis=0), sharding)
+    repeat = lambda x: constrain_rows(jnp.repeat(x, num_samples, axis=0), sharding)
     logits, caches, kv_mask, prompt_mask = jax.tree.map(
         repeat, (logits, caches, kv_mask, prompt_mask))
     b *= num_samples
@@ -217,7 +210,8 @@ def sample_tokens(model, params, prompt_ids, prompt_mask, rng, *, max_new_tokens
   draws G rows per prompt from one shared prefill: R = B * G rows, row i * G + j is sample j of
   prompt i. `row_ids` [R] (default arange(R)) pick each row's random stream. `stop_token_ids`
   default to the config's EOS ids.
-  `sharding`: a NamedSharding whose spec[0] names the mesh axes the batch is split over.
+  `sharding`: a NamedSharding whose spec[0] names the mesh axes the batch is split over
+  (`jaxpost.train.sharding.batch_sharding`).
   Returns a dict: `tokens` [R, N] (pad after a row stops; the stop token is included),
   `mask` [R, N] (1 on generated tokens), `lengths` [R], `stopped` [R] (stop token vs length),
   `logprobs` and `sampling_logprobs` [R, N] (0 on padding).
@@ -251,14 +245,6 @@ def bucket(n: int, minimum: int = 1, multiple: int = 1) -> int:
   """Smallest power of two >= max(n, minimum), rounded up to a multiple of `multiple`."""
   size = 1 << (max(n, minimum) - 1).bit_length()
   return -(-size // multiple) * multiple
-
-
-def batch_sharding(mesh, batch_axes=("data",)) -> Optional[NamedSharding]:
-  """NamedSharding that splits a leading batch axis over `batch_axes` of `mesh` (None: no mesh)."""
-  if mesh is None:
-    return None
-  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-  return NamedSharding(mesh, PartitionSpec(axes))
 
 
 def generate(lm, prompts, max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
@@ -318,7 +304,8 @@ class _Engine:
     self.lm, self.plan, self.knobs, self.stop_strings = lm, plan, knobs, stop_strings
     self.stop_arr, self.pad = stop_array(stop), default_pad_id(lm.config)
     self.rng = jax.random.PRNGKey(seed)
-    self.sharding, self.cache_dtype = batch_sharding(mesh, batch_axes), cache_dtype
+    self.sharding = batch_sharding(mesh, batch_axes) if mesh is not None else None
+    self.cache_dtype = cache_dtype
     axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
     self.shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
     split = _split_jit if lm.config.scan_layers else split_layers

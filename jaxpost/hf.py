@@ -10,6 +10,9 @@ Loading walks the expected parameter tree and reads each tensor from the safeten
 through a memory map, casts it, stacks the layers into one preallocated array and places it on
 device (sharded when `shardings` is given) before reading the next, so the host never holds two
 full copies of the model.
+
+Export writes an HF directory (LoRA adapters merged), or with `save_peft_adapter` a LoRA run's
+adapters alone in PEFT's layout (`peft.PeftModel.from_pretrained` loads them onto the base).
 """
 
 from __future__ import annotations
@@ -318,3 +321,45 @@ def _write_safetensors(tensors: dict, out: Path, max_shard_bytes: int):
   total = sum(v.nbytes for v in tensors.values())
   index = {"metadata": {"total_size": total}, "weight_map": weight_map}
   (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+# ------------------------------------------------------------------------- PEFT adapter export
+
+
+def peft_tensors(adapters, scanned: bool) -> dict[str, np.ndarray]:
+  """PEFT state-dict names and [r, in] / [out, r] arrays of every adapter (layers unstacked):
+  `base_model.model.<module>.lora_A.weight` = A^T, `...lora_B.weight` = B^T."""
+  tensors = {}
+  for path, value in traverse_util.flatten_dict(adapters).items():
+    if path[-1] not in lora.ADAPTER_LEAVES:
+      raise ValueError(f"PEFT export holds LoRA adapters only; {'/'.join(path)} is trained in "
+                       "full (use config.lora.export='merged')")
+    value = np.asarray(jax.device_get(value), np.float32)
+    suffix = "lora_A" if path[-1] == "lora_a" else "lora_B"
+    kernel_path = path[:-1] + ("kernel",)
+    layers = range(value.shape[0]) if scanned and "layers" in path else [None]
+    for layer in layers:
+      weight = value if layer is None else value[layer]
+      name = hf_name(kernel_path, layer)[:-len("weight")] + f"{suffix}.weight"
+      tensors["base_model.model." + name] = np.ascontiguousarray(weight.T)
+  return tensors
+
+
+def save_peft_adapter(adapters, spec: lora.LoraSpec, scanned: bool, out_dir,
+                      base_model: str = "") -> Path:
+  """Writes `adapter_config.json` + `adapter_model.safetensors` (PEFT's LoRA layout, causal LM)."""
+  from safetensors.numpy import save_file
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  tensors = peft_tensors(adapters, scanned)
+  modules = sorted({name[len("base_model.model."):].rsplit(".lora_", 1)[0] for name in tensors})
+  config = {
+      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+      "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+      "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
+      "inference_mode": True,
+  }
+  (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+  save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+  return out

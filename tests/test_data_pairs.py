@@ -13,7 +13,7 @@ from jaxpost.models.config import LlamaConfig
 from jaxpost.models.heads import LlamaForScore
 from jaxpost.models.llama import init_params
 from jaxpost.train.algorithms import LossContext
-from jaxpost.train.preference import pair_scores, reward_loss_fn
+from jaxpost.algos.preference import pair_scores, reward_loss_fn
 
 U = lambda c: {"role": "user", "content": c}
 A = lambda c: {"role": "assistant", "content": c}

@@ -185,7 +185,7 @@ def test_peft_export_loads_through_peft(base_dir, tmp_path):
 def test_lora_dpo_reference_is_the_base_model(tmp_path):
   from test_preference_runs import ROWS
   from jaxpost.data.loader import build_loader
-  from jaxpost.train.preference import reference_logps
+  from jaxpost.algos.preference import reference_logps
   c = dpo_config.get_config("tiny")
   c.update_from_flattened_dict({
       "workdir": str(tmp_path), "max_steps": 4, "log_every": 1, "checkpoint.every": -1,

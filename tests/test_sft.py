@@ -17,7 +17,7 @@ from jaxpost.losses import sft  # noqa: E402
 from jaxpost.models.config import LlamaConfig  # noqa: E402
 from jaxpost.models.llama import LlamaForCausalLM, init_params  # noqa: E402
 from jaxpost.train.algorithms import LossContext  # noqa: E402
-from jaxpost.train.synthetic import SyntheticLoader  # noqa: E402
+from jaxpost.data.synthetic import SyntheticLoader  # noqa: E402
 
 
 def _model():

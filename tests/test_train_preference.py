@@ -10,7 +10,7 @@ from jaxpost.models.config import LlamaConfig
 from jaxpost.models.heads import LlamaForScore
 from jaxpost.models.llama import LlamaForCausalLM, init_params
 from jaxpost.train.algorithms import LossContext
-from jaxpost.train.preference import (dpo_loss_fn, kto_loss_fn, mismatched_pairs, pair_scores,
+from jaxpost.algos.preference import (dpo_loss_fn, kto_loss_fn, mismatched_pairs, pair_scores,
                                       reference_logps, reward_loss_fn, sequence_stats)
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -163,8 +163,8 @@ def test_reference_cache(lm, tmp_path):
 
   from jaxpost.data import batching
   from jaxpost.data.loader import Stream
-  from jaxpost.train.preference import add_cached_reference
-  from jaxpost.train.ref_cache import RefCache
+  from jaxpost.algos.preference import add_cached_reference
+  from jaxpost.algos.ref_cache import RefCache
   model, _, ref = lm
   rng = np.random.default_rng(5)
   records = []

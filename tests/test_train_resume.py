@@ -18,7 +18,7 @@ from jaxpost.configs import sft as sft_config  # noqa: E402
 import jaxpost  # noqa: E402
 from jaxpost.train.checkpoint import Checkpointer  # noqa: E402
 from jaxpost.train.export import load_trained  # noqa: E402
-from jaxpost.train.synthetic import SyntheticLoader  # noqa: E402
+from jaxpost.data.synthetic import SyntheticLoader  # noqa: E402
 
 MAX_STEPS = 6
 

@@ -17,8 +17,8 @@ from jaxpost.losses import sft  # noqa: E402
 from jaxpost.train import algorithms, optim  # noqa: E402
 from jaxpost.train import sharding as sh  # noqa: E402
 from jaxpost.train.state import create_train_state, load_sharded  # noqa: E402
+from jaxpost.data.synthetic import SyntheticLoader  # noqa: E402
 from jaxpost.train.step import gradient_step  # noqa: E402
-from jaxpost.train.synthetic import SyntheticLoader  # noqa: E402
 
 
 def _run_steps(grad_accum, batch, num_steps=2):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from jaxpost.generate import default_pad_id, sample_tokens
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
-from jaxpost.train.sharding import batch_sharding
+from jaxpost.train.sharding import batch_sharding, constrain_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _rollout(model, params, prompt_ids, prompt_mask, rng, *, config: RolloutConf
   num_rows = sampled["tokens"].shape[0]
   sampler = sampled["logprobs" if greedy else "sampling_logprobs"]
   sampler_lp = align(jnp.zeros((num_rows, prompt_ids.shape[1]), jnp.float32), sampler)
-  layout = {k: _constrain_rows(v, sharding) for k, v in layout.items()}
+  layout = {k: constrain_rows(v, sharding) for k, v in layout.items()}
   fields = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"],
             "positions": layout["positions"], "loss_mask": layout["completion_mask"]}
   logprobs = model_token_stats(model, params, fields, chunk_size=config.chunk_size,
@@ -167,8 +167,3 @@ def logp_difference(logprobs, sampler_logprobs, completion_mask) -> dict:
   diff = jnp.abs(logprobs - sampler_logprobs) * mask
   return {"sampling/logp_difference/mean": diff.sum() / jnp.maximum(mask.sum(), 1.0),
           "sampling/logp_difference/max": diff.max()}
-
-
-def _constrain_rows(x, sharding):
-  """Splits the leading (row) axis of `x` like the training batch sharding (None: as is)."""
-  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)

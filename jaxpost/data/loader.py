@@ -1,6 +1,7 @@
 """The data loader: sources -> tokenised examples -> an endless, resumable stream of batches.
 
     loader = build_loader(config.data, tokenizer, "sft", batch_size=32, seed=0)
+    loader = make_loader(config, tokenizer, vocab_size, "sft", "train", 0, 1)  # what the loop uses
     batch = next(loader)             # this process's rows of the next global batch
     state = loader.state()           # JSON-able; loader.restore(state) resumes at the next batch
 
@@ -36,12 +37,13 @@ from jaxpost.data import batching
 from jaxpost.data.chat import ChatTokenizer
 from jaxpost.data.config import data_defaults
 from jaxpost.data.formats import KINDS
-from jaxpost.data.heldout import loader_plan, part_label
+from jaxpost.data.heldout import eval_plan, loader_plan, part_label
 from jaxpost.data.sources import parse_sources, plain
+from jaxpost.data.synthetic import SyntheticLoader, parse_spec
 from jaxpost.data.table import Table, build_table, format_summary
 
 log = logging.getLogger(__name__)
-__all__ = ["Loader", "Stream", "Table", "build_loader", "format_summary"]
+__all__ = ["Loader", "Stream", "Table", "build_loader", "format_summary", "make_loader"]
 
 
 # ---------------------------------------------------------------- order
@@ -269,3 +271,19 @@ def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
   buckets = batching.resolve_buckets(cfg["buckets"], cfg["max_length"])
   return Loader(table, stream, kind, batch_size, buckets, ct.pad_id, bool(cfg["packing"]),
                 process_index, process_count, int(cfg["prefetch"]))
+
+
+def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str, process_index: int,
+                process_count: int):
+  """The training loop's loader for `split` ("train" | "eval") of a run config: config.data.train
+  or the eval data `heldout.eval_plan` picks, as a `SyntheticLoader` for a "synthetic[:...]"
+  source (sft batches only; eval draws with seed + 1), else `build_loader`'s Loader."""
+  source = config.data.train if split == "train" else eval_plan(config.data)[0]
+  if isinstance(source, str) and source.startswith("synthetic"):
+    if kind != "sft":
+      raise ValueError(f"data source {source!r} only provides 'sft' batches, not {kind!r}")
+    return SyntheticLoader(vocab_size, config.batch_size, config.data.max_length,
+                           seed=config.seed + (split != "train"), **parse_spec(source),
+                           process_index=process_index, process_count=process_count)
+  return build_loader(config.data, tokenizer, kind, config.batch_size, seed=config.seed,
+                      split=split, process_index=process_index, process_count=process_count)

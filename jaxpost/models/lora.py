@@ -19,16 +19,14 @@ Adapters live in their own parameter tree that mirrors the base tree with leaves
 `combine(base, adapters)` is the tree the model applies. `Linear` adds the low-rank term only when
 its adapter leaves are present, so applying the base tree alone is the model with adapters off —
 the DPO/KTO reference costs no second copy of the weights. `merge` folds the adapters into the
-kernels (W + alpha/r A B) for a plain HF export; `save_peft_adapter` writes a directory that
-`peft.PeftModel.from_pretrained` loads onto the transformers base model.
+kernels (W + alpha/r A B) for a plain HF export; `jaxpost.hf.save_peft_adapter` writes the
+adapters as a directory that `peft.PeftModel.from_pretrained` loads onto the transformers base.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from pathlib import Path
 from typing import Optional
 
 import flax.linen as nn
@@ -216,49 +214,6 @@ def merge(params, alpha: float) -> dict:
 
 def num_params(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-
-
-# --------------------------------------------------------------------------- PEFT export
-
-
-def peft_tensors(adapters, scanned: bool) -> dict[str, np.ndarray]:
-  """PEFT state-dict names and [r, in] / [out, r] arrays of every adapter (layers unstacked):
-  `base_model.model.<module>.lora_A.weight` = A^T, `...lora_B.weight` = B^T."""
-  from jaxpost.hf import hf_name
-  tensors = {}
-  for path, value in traverse_util.flatten_dict(adapters).items():
-    if path[-1] not in ADAPTER_LEAVES:
-      raise ValueError(f"PEFT export holds LoRA adapters only; {'/'.join(path)} is trained in "
-                       "full (use config.lora.export='merged')")
-    value = np.asarray(jax.device_get(value), np.float32)
-    suffix = "lora_A" if path[-1] == "lora_a" else "lora_B"
-    kernel_path = path[:-1] + ("kernel",)
-    layers = range(value.shape[0]) if scanned and "layers" in path else [None]
-    for layer in layers:
-      weight = value if layer is None else value[layer]
-      name = hf_name(kernel_path, layer)[:-len("weight")] + f"{suffix}.weight"
-      tensors["base_model.model." + name] = np.ascontiguousarray(weight.T)
-  return tensors
-
-
-def save_peft_adapter(adapters, spec: LoraSpec, scanned: bool, out_dir,
-                      base_model: str = "") -> Path:
-  """Writes `adapter_config.json` + `adapter_model.safetensors` (PEFT's LoRA layout, causal LM)."""
-  from safetensors.numpy import save_file
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  tensors = peft_tensors(adapters, scanned)
-  modules = sorted({name[len("base_model.model."):].rsplit(".lora_", 1)[0] for name in tensors})
-  config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-      "r": spec.rank, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-      "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
-      "use_rslora": False, "init_lora_weights": True, "modules_to_save": None,
-      "inference_mode": True,
-  }
-  (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-  save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-  return out
 
 
 def describe(base, adapters) -> str:

@@ -78,7 +78,7 @@ from jaxpost.models import lora
 LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
 # Modules registering the other built-in algorithms ("dpo", "kto", "rm", "grpo", "rloo"),
 # imported on demand.
-BUILTIN_MODULES = ("jaxpost.train.preference", "jaxpost.algos.grpo")
+BUILTIN_MODULES = ("jaxpost.algos.preference", "jaxpost.algos.grpo")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,8 @@ from typing import Optional
 
 import jax
 
-from jaxpost.hf import LoadedModel, load_tokenizer, resolve_model_dir, save_model
+from jaxpost.hf import (LoadedModel, build_module, load_tokenizer, resolve_model_dir, save_model,
+                        save_peft_adapter)
 from jaxpost.models import lora as lora_lib
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
@@ -25,7 +26,6 @@ from jaxpost.train.checkpoint import Checkpointer, saved_config
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import (abstract_like, abstract_train_state, create_train_state,
                                  load_sharded, model_config)
-from jaxpost.hf import build_module
 
 log = logging.getLogger("jaxpost.train")
 
@@ -59,8 +59,8 @@ def save_trained(lm: LoadedModel, lora: Optional[LoraSpec], out_dir, fmt: Option
   if lora is None:
     raise ValueError("export format 'peft' needs a LoRA run (config.lora.rank > 0)")
   base = lm.source.split("@")[0]
-  out = lora_lib.save_peft_adapter(lora_lib.adapters_of(lm.params), lora, lm.config.scan_layers,
-                                   out_dir, _base_model_path(base))
+  out = save_peft_adapter(lora_lib.adapters_of(lm.params), lora, lm.config.scan_layers, out_dir,
+                          _base_model_path(base))
   if lm.tokenizer is not None:
     lm.tokenizer.save_pretrained(str(out))
   return out

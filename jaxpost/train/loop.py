@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from jaxpost.data import heldout
+from jaxpost.data.loader import make_loader
 from jaxpost.models import lora
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
@@ -112,21 +113,6 @@ def completed_step(config) -> Optional[int]:
     ckpt.close()
 
 
-def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str):
-  source = config.data.train if split == "train" else heldout.eval_plan(config.data)[0]
-  if isinstance(source, str) and source.startswith("synthetic"):
-    if kind != "sft":
-      raise ValueError(f"data source {source!r} only provides 'sft' batches, not {kind!r}")
-    from jaxpost.train.synthetic import SyntheticLoader, parse_spec
-    return SyntheticLoader(vocab_size, config.batch_size, config.data.max_length,
-                           seed=config.seed + (split != "train"), **parse_spec(source),
-                           process_index=jax.process_index(), process_count=jax.process_count())
-  from jaxpost.data.loader import build_loader
-  return build_loader(config.data, tokenizer, kind, config.batch_size, seed=config.seed,
-                      split=split, process_index=jax.process_index(),
-                      process_count=jax.process_count())
-
-
 class Trainer:
   """Setup in `__init__`, the loop in `run`. Use `train(config)`."""
 
@@ -186,7 +172,7 @@ class Trainer:
   def _build_loaders(self, train_loader, eval_loader):
     cfg, kind = self.config, self.algorithm.loader_kind
     make = lambda split: make_loader(cfg, self.policy.tokenizer, self.policy.config.vocab_size,
-                                     kind, split)
+                                     kind, split, jax.process_index(), jax.process_count())
     self.loader = train_loader or make("train")
     self.eval_description = "the given eval loader"
     if eval_loader is None and "loss" in self.algorithm.evals:

@@ -14,6 +14,7 @@ Optimiser-state leaves shaped like a parameter inherit that parameter's sharding
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -74,8 +75,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(BATCH_AXES))
+def batch_sharding(mesh: Mesh, axes=BATCH_AXES) -> NamedSharding:
+  """Splits a leading batch (row) axis over the mesh axes `axes` (a name or a tuple of names);
+  the other array axes are replicated."""
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return NamedSharding(mesh, P(axes))
+
+
+def constrain_rows(x, sharding: Optional[NamedSharding]):
+  """`x` constrained to have its leading (row) axis split like the first axis of `sharding` (a
+  `batch_sharding`), its other axes replicated; `x` as is when `sharding` is None."""
+  if sharding is None:
+    return x
+  spec = P(sharding.spec[0], *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, NamedSharding(sharding.mesh, spec))
 
 
 def like_params(abstract_tree, abstract_params, params_shardings, mesh: Mesh):

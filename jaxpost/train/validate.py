@@ -27,13 +27,13 @@ from pathlib import Path
 from jaxpost.data import heldout
 from jaxpost.data.chat import TRAIN_ON, Limits
 from jaxpost.data.loader import parse_sources
+from jaxpost.data.synthetic import parse_spec
 from jaxpost.data.tasks import reward_fn
 from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.optim import check_optimizer_config
 from jaxpost.train.state import model_config
-from jaxpost.train.synthetic import parse_spec
 
 
 class ConfigError(ValueError):

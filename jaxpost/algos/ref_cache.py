@@ -8,7 +8,7 @@ of the pair (its chosen and rejected token ids and loss masks) in
 `workdir/ref_logps/<fingerprint>.npz`; a rerun with the same reference, data and tokenisation
 reuses the file. During training the collect phase
 looks each row up and adds `ref_chosen_logps` / `ref_rejected_logps` to the batch, which the DPO
-loss prefers over a reference forward (jaxpost/train/preference.py), so steps skip that forward.
+loss prefers over a reference forward (jaxpost/algos/preference.py), so steps skip that forward.
 Rows missing from the cache (none, unless max_steps was raised or the data changed under the run)
 are scored on the fly.
 """

@@ -22,6 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxpost.algos.ref_cache import RefCache
 from jaxpost.hf import read_hf_config, resolve_model_dir
 from jaxpost.losses.dpo import PreferenceLossConfig, kto_loss, preference_loss
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
@@ -176,7 +177,7 @@ def reference_model(ctx: SetupContext):
   its weights, or with LoRA the frozen base weights themselves (the model with adapters off;
   no second copy).
   With `config.precompute_ref`, `modules["ref_cache"]` also holds the reference log-probs of every
-  training pair (jaxpost/train/ref_cache.py), which `add_cached_reference` puts into the batches;
+  training pair (jaxpost/algos/ref_cache.py), which `add_cached_reference` puts into the batches;
   the frozen reference stays for eval batches, which do not pass through the collect phase.
   """
   config = ctx.config
@@ -192,7 +193,6 @@ def reference_model(ctx: SetupContext):
 
 
 def _reference_cache(ctx: SetupContext, module, params, name: str):
-  from jaxpost.train.ref_cache import RefCache
   config = ctx.config
   if config.algorithm != "dpo" or jax.process_count() > 1:
     raise ValueError("config.precompute_ref=True supports single-process config.algorithm='dpo' "
