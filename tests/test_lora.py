@@ -117,31 +117,46 @@ def sft_lora_config(base_dir, workdir, **lora_keys):
   return c
 
 
-def test_sft_lora_trains_adapters_only_and_merged_export_matches_transformers(base_dir,
-                                                                             tmp_path):
-  c = sft_lora_config(base_dir, tmp_path / "run")
+@pytest.fixture(scope="module")
+def lora_run(base_dir, tmp_path_factory):
+  """One 3-step SFT LoRA run (PEFT export at the end) shared by the export tests; returns its
+  workdir, the trainer and what the trainer held before training."""
+  workdir = tmp_path_factory.mktemp("lora_run")
+  c = sft_lora_config(base_dir, workdir, export="peft")
   trainer = Trainer(c, algorithms.get("sft"), sh.build_mesh(c.mesh), sh.rules_of(c.mesh))
-  base_before = jax.tree.map(np.array, trainer.frozen[algorithms.LORA_BASE])
-  # Optimiser state: Adam's two moments per adapter parameter, nothing for the frozen base.
-  adapter_size = lora.num_params(trainer.state.params)
-  opt_size = lora.num_params(trainer.state.opt_state)
-  assert all(p[-1].key in ("lora_a", "lora_b")
-             for p, _ in jax.tree_util.tree_leaves_with_path(trainer.state.params))
-  assert adapter_size < 0.2 * lora.num_params(base_before)
-  assert 2 * adapter_size <= opt_size <= 2 * adapter_size + 16
+  before = dict(base=jax.tree.map(np.array, trainer.frozen[algorithms.LORA_BASE]),
+                adapter_size=lora.num_params(trainer.state.params),
+                opt_size=lora.num_params(trainer.state.opt_state),
+                trained_leaves=[p[-1].key for p, _ in
+                                jax.tree_util.tree_leaves_with_path(trainer.state.params)])
   with jax.set_mesh(trainer.mesh):
     trainer.run()
-  jax.tree.map(np.testing.assert_array_equal, base_before,
+  return workdir, trainer, before
+
+
+def test_sft_lora_trains_adapters_only_and_merged_export_matches_transformers(base_dir,
+                                                                             lora_run, tmp_path):
+  import dataclasses
+  from jaxpost.train.export import export_trained
+  workdir, trainer, before = lora_run
+  # Optimiser state: Adam's two moments per adapter parameter, nothing for the frozen base.
+  adapter_size, opt_size = before["adapter_size"], before["opt_size"]
+  assert all(key in ("lora_a", "lora_b") for key in before["trained_leaves"])
+  assert adapter_size < 0.2 * lora.num_params(before["base"])
+  assert 2 * adapter_size <= opt_size <= 2 * adapter_size + 16
+  jax.tree.map(np.testing.assert_array_equal, before["base"],
                jax.device_get(trainer.frozen[algorithms.LORA_BASE]))
   b = trainer.state.params["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
   assert float(jnp.abs(b).max()) > 0  # B moved away from 0
 
   import torch
   import transformers
-  lm = load_trained(tmp_path / "run")
+  # What the loop's end-of-run export writes for config.lora.export = "merged".
+  merged = export_trained(trainer.policy, trainer.state.params, trainer.frozen, trainer.mesh,
+                          tmp_path / "merged", dataclasses.replace(trainer.lora, export="merged"))
+  lm = load_trained(workdir)
   ours = np.asarray(lm.model.apply({"params": lm.params}, IDS))
-  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "run" / "hf"),
-                                                         dtype=torch.float32)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)
   with torch.no_grad():
     theirs = hf(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(ours, theirs, atol=1e-4)
@@ -151,24 +166,23 @@ def test_sft_lora_trains_adapters_only_and_merged_export_matches_transformers(ba
   assert np.abs(untrained - theirs).max() > 1e-3
 
 
-def test_peft_export_loads_through_peft(base_dir, tmp_path):
+def test_peft_export_loads_through_peft(base_dir, lora_run, tmp_path):
   peft = pytest.importorskip("peft")
   import torch
   import transformers
-  c = sft_lora_config(base_dir, tmp_path / "run", export="peft")
-  train(c)
-  out = tmp_path / "run" / "hf"
+  workdir = lora_run[0]
+  out = workdir / "hf"  # written by the run itself (config.lora.export = "peft")
   config = json.loads((out / "adapter_config.json").read_text())
   assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["peft_type"] == "LORA"
   cli = tmp_path / "cli"  # the same adapter from the checkpoint through the script
-  proc = subprocess.run([sys.executable, "scripts/export_hf.py", f"--workdir={tmp_path / 'run'}",
+  proc = subprocess.run([sys.executable, "scripts/export_hf.py", f"--workdir={workdir}",
                          f"--out={cli}", "--format=peft"], cwd=ROOT, capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (cli / "adapter_model.safetensors").read_bytes() == \
       (out / "adapter_model.safetensors").read_bytes()
 
-  lm = load_trained(tmp_path / "run")
+  lm = load_trained(workdir)
   ours = np.asarray(lm.model.apply({"params": lm.params}, IDS))
   base = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
   model = peft.PeftModel.from_pretrained(base, str(out)).eval()

@@ -47,7 +47,8 @@ def test_grad_accumulation_4x2_equals_1x8():
   np.testing.assert_allclose(losses_4, losses_1, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), params_4, params_1)
   # The accumulated loss is the token-weighted loss of the whole batch, not a mean of means.
-  full, _ = sft.sft_loss(params0, {}, batch, None, algorithms.LossContext(model, c))
+  ctx = algorithms.LossContext(model, c)
+  full, _ = jax.jit(lambda p, b: sft.sft_loss(p, {}, b, None, ctx))(params0, batch)
   np.testing.assert_allclose(losses_4[0], float(full), rtol=1e-5)
 
 
