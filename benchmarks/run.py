@@ -21,9 +21,9 @@ masks and loss masks (benchmarks/trainers.py); the GRPO child, its prompt ids (b
 grpo.py). A training step count of `--steps` is timed after one compilation / warm-up step and
 the median reported; generation times `--steps` calls after a first one. `--quick` runs tiny
 shapes and 2 timed steps (a smoke test). `--set` overrides a key of jaxpost's training configs (a
-lever of README "Memory and speed levers"); the recipe defaults are what the table reports. A full run without `--set` writes
-benchmarks/results/suite.md and rebuilds BENCHMARKS.md (benchmarks/report.py); a subset, --quick
-or --set run only prints its table unless given --write.
+lever of README "Memory and speed levers"); the recipe defaults are what the table reports. A
+full run without `--set` writes benchmarks/results/suite.md and rebuilds BENCHMARKS.md
+(benchmarks/report.py); a subset, --quick or --set run only prints its table unless given --write.
 """
 
 from __future__ import annotations
