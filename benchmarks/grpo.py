@@ -94,7 +94,9 @@ def child(spec: dict) -> dict:
 
 def jaxpost_config(c, spec: dict, workdir: str):
   """The "grpo" recipe `c` set up for a timed run: the benchmark's shape, fp32, log every step,
-  no eval, report, checkpoint or export; RECIPE_KEYS where the recipe has them."""
+  no eval, report, checkpoint or export; RECIPE_KEYS where the recipe has them; then the
+  suite's --set overrides."""
+  present = c.to_dict()
   c.update_from_flattened_dict({
       "workdir": workdir, "max_steps": spec["steps"], "batch_size": spec["batch_size"],
       "grpo.num_generations": spec["generations"], "rollout.max_new_tokens": spec["new_tokens"],
@@ -104,13 +106,16 @@ def jaxpost_config(c, spec: dict, workdir: str):
       "model.name_or_path": spec["model_dir"], "model.dtype": "float32",
       "model.param_dtype": "float32", "optimizer.learning_rate": LEARNING_RATE,
       "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0.0,
-      "optimizer.max_grad_norm": 1.0, **spec.get("overrides", {})})
-  present = c.to_dict()
-  for key, value in RECIPE_KEYS.items():
-    section, name = key.split(".")
-    if name in present.get(section, {}):
-      c.update_from_flattened_dict({key: value})
+      "optimizer.max_grad_norm": 1.0,
+      **{k: v for k, v in RECIPE_KEYS.items() if recipe_value(present, k) is not None},
+      **spec.get("overrides", {})})
   return c
+
+
+def recipe_value(config: dict, key: str):
+  """config["a"]["b"] for key "a.b", None where the recipe has no such key."""
+  section, name = key.split(".")
+  return config.get(section, {}).get(name)
 
 
 def run_jaxpost(config, spec: dict) -> dict:
@@ -118,7 +123,7 @@ def run_jaxpost(config, spec: dict) -> dict:
   import jaxpost
   with tempfile.TemporaryDirectory() as workdir:
     config = jaxpost_config(config, spec, workdir)
-    settings = {k: config.get(s, {}).get(n) for k in RECIPE_KEYS for s, n in [k.split(".")]}
+    settings = {k: recipe_value(config.to_dict(), k) for k in RECIPE_KEYS}
     jaxpost.train(config)
     records = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
   records = [r for r in records if "step_time" in r]
@@ -129,7 +134,7 @@ def run_jaxpost(config, spec: dict) -> dict:
           "first_step": records[0]["compile_time"],
           "reward": mean_of(timed_records, "reward"),
           "completion_length": mean_of(timed_records, "completions/mean_length"),
-          "settings": settings}
+          "settings": {k: v for k, v in settings.items() if v is not None}}
 
 
 def mean_of(records: list[dict], key: str):

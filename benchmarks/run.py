@@ -197,7 +197,8 @@ def check_text(task: Task, result: dict, reference: dict | None = None) -> str:
   """Step-1 and last-step loss, for generation how many rows' greedy tokens equal the
   reference's, for GRPO the mean reward and completion length."""
   if task.kind == "grpo":
-    return (f"reward {result['reward']:.3f}, {result['completion_length']:.1f} tokens/completion; "
+    fmt = lambda key, spec: "-" if result[key] is None else format(result[key], spec)
+    return (f"reward {fmt('reward', '.3f')}, {fmt('completion_length', '.1f')} tokens/completion; "
             f"rollout {statistics.median(result['rollout_times']):.2f} s + update "
             f"{statistics.median(result['update_times']):.2f} s")
   if task.kind != "generate":
@@ -220,7 +221,8 @@ def tokens_per_step(task: Task, spec: dict, result: dict) -> float:
   """Real (non-pad) trained tokens per step; new tokens per call for generation; sampled
   completion tokens per iteration for GRPO."""
   if task.kind == "grpo":
-    return spec["batch_size"] * spec["generations"] * result["completion_length"]
+    length = result["completion_length"]
+    return None if length is None else spec["batch_size"] * spec["generations"] * length
   if task.kind == "generate":
     return spec["batch_size"] * spec["new_tokens"]
   return trainers.real_tokens_per_step(dict(np.load(spec["batches"])))
@@ -242,10 +244,11 @@ def table_row(label: str, spec: dict, result: dict, ratio: str, cfg, peak: float
   if "missing" in result:
     return [spec["task"], label, shape] + ["-"] * 7 + [result["missing"]]
   median = statistics.median(result["step_times"])
-  tokens = tokens_per_step(task, spec, result)
+  tokens = tokens_per_step(task, spec, result)  # None: GRPO without completion lengths
   mfu = (["-", "-"] if task.kind == "grpo" else  # sampled lengths: no fixed model FLOPs
          [f"{100 * task_flops(task, spec, cfg) / median / p:.1f}%" for p in (peak, PEAK_YARDSTICK)])
-  return [spec["task"], label, shape, f"{median:.3f}", f"{tokens / median:.1f}", ratio, *mfu,
+  return [spec["task"], label, shape, f"{median:.3f}",
+          "-" if tokens is None else f"{tokens / median:.1f}", ratio, *mfu,
           f"{result['rss_gb']:.2f}", f"{result['first_step']:.1f}",
           check_text(task, result, reference)]
 
