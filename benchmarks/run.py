@@ -1,6 +1,6 @@
 """The side-by-side benchmark suite: jaxpost vs TRL / transformers in one run, one command.
 
-    python benchmarks/run.py [--only=sft,rm,dpo,dpo_lora,sft_lora,generate] [--steps=4]
+    python benchmarks/run.py [--only=sft,rm,dpo,dpo_lora,sft_lora,generate,grpo] [--steps=4]
                              [--torch_threads=N] [--quick] [--set=model.scan_layers=False ...]
 
 For every task the parent builds the inputs once (jaxpost's loader, one length bucket) and runs
@@ -13,15 +13,17 @@ the same bundled SmolLM2-135M-Instruct weights in fp32, the same token ids, batc
   dpo_lora  dpo + LoRA r16 a32, 7 projs  vs DPOTrainer + peft LoraConfig (reference: adapters off)
   sft_lora  sft + LoRA r16 a32, 7 projs  vs SFTTrainer + peft LoraConfig
   generate  jaxpost.generate (greedy)    vs transformers generate
+  grpo      configs/grpo.py, one GRPO    vs TRL GRPOTrainer (transformers generate);
+            iteration (rollout + update)    benchmarks/grpo.py has the details
 
 Each TRL child asserts that its collated batches carry exactly jaxpost's token ids, attention
-masks and loss masks (benchmarks/trainers.py). A training step count of `--steps` is timed
-after one compilation / warm-up step and the median reported; generation times `--steps` calls
-after a first one. `--quick` runs tiny shapes and 2 timed steps (a smoke test). `--set`
-overrides a key of jaxpost's training configs (a lever of README "Memory and speed levers"); the
-recipe defaults are what the table reports. A full run without `--set` writes
-benchmarks/results/suite.md and rebuilds BENCHMARKS.md (benchmarks/report.py); a subset, --quick
-or --set run only prints its table unless given --write.
+masks and loss masks (benchmarks/trainers.py); the GRPO child, its prompt ids (benchmarks/
+grpo.py). A training step count of `--steps` is timed after one compilation / warm-up step and
+the median reported; generation times `--steps` calls after a first one. `--quick` runs tiny
+shapes and 2 timed steps (a smoke test). `--set` overrides a key of jaxpost's training configs (a
+lever of README "Memory and speed levers"); the recipe defaults are what the table reports. A
+full run without `--set` writes benchmarks/results/suite.md and rebuilds BENCHMARKS.md
+(benchmarks/report.py); a subset, --quick or --set run only prints its table unless given --write.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import common  # noqa: E402
+import grpo  # noqa: E402
 import trainers  # noqa: E402
 
 LORA = {"rank": 16, "alpha": 32.0, "dropout": 0.0}
@@ -49,8 +52,8 @@ PEAK_YARDSTICK = common.CPU_PEAK_FLOPS
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  kind: str  # sft | rm | dpo | generate
-  data: str  # sft | pairs | prompts: which inputs (and shape) it runs on
+  kind: str  # sft | rm | dpo | generate | grpo
+  data: str  # sft | pairs | prompts | rollouts: which inputs (and shape) it runs on
   reference: str
   lr: float = 0.0
   lora: bool = False
@@ -63,10 +66,14 @@ TASKS = {
     "dpo_lora": Task("dpo", "pairs", "TRL DPOTrainer + peft", 5e-5, lora=True),
     "sft_lora": Task("sft", "sft", "TRL SFTTrainer + peft", 2e-4, lora=True),
     "generate": Task("generate", "prompts", "transformers generate"),
+    "grpo": Task("grpo", "rollouts", "TRL GRPOTrainer", grpo.LEARNING_RATE),
 }
-# (batch, length) per data kind; prompts: (batch, prompt length, new tokens).
-SHAPES = {"full": {"sft": (8, 64), "pairs": (4, 128), "prompts": (8, 64, 128)},
-          "quick": {"sft": (2, 64), "pairs": (2, 64), "prompts": (2, 32, 8)}}
+# (batch, length) per data kind; prompts: (batch, prompt length, new tokens); rollouts:
+# (prompts, generations per prompt, new tokens).
+SHAPES = {"full": {"sft": (8, 64), "pairs": (4, 128), "prompts": (8, 64, 128),
+                   "rollouts": (8, 8, 64)},
+          "quick": {"sft": (2, 64), "pairs": (2, 64), "prompts": (2, 32, 8),
+                    "rollouts": (2, 2, 8)}}
 
 
 # ------------------------------------------------------------------------------ children
@@ -77,6 +84,8 @@ def child(spec_file: str):
   task = TASKS[spec["task"]]
   if task.kind == "generate":
     return emit(child_generate(spec))
+  if task.kind == "grpo":
+    return emit(grpo.child(spec))
   batches = dict(np.load(spec["batches"]))
   if spec["impl"] == "jaxpost":
     config = trainers.jaxpost_config(task.kind, "", spec["steps"], spec["batch_size"],
@@ -120,7 +129,11 @@ def child_generate(spec: dict) -> dict:
 def task_inputs(task: Task, shapes: dict, steps: int, cache: dict, workdir: Path) -> dict:
   """The spec fields shared by both implementations of `task` (inputs built once per kind)."""
   if task.data not in cache:
-    if task.data == "prompts":
+    if task.data == "rollouts":
+      prompts, generations, new = shapes["rollouts"]
+      cache["rollouts"] = {"rows": grpo.prompt_rows(prompts, steps), "batch_size": prompts,
+                           "generations": generations, "new_tokens": new, "length": new}
+    elif task.data == "prompts":
       from jaxpost.hf import load_tokenizer, resolve_model_dir
       import generate
       batch, prompt_len, new = shapes["prompts"]
@@ -172,14 +185,22 @@ def run_impl(spec: dict, impl: str, workdir: Path) -> dict:
   path.write_text(json.dumps({**spec, "impl": impl}))
   print(f"{label} ...", flush=True)
   result = common.child_result([sys.executable, __file__, f"--child={path}"], label, ROOT)
+  if "missing" in result:
+    print(f"{label}: {result['missing']}", flush=True)
+    return result
   print(f"{label}: median {statistics.median(result['step_times']):.3f} s, first "
         f"{result['first_step']:.1f} s, {check_text(TASKS[spec['task']], result)}", flush=True)
   return result
 
 
 def check_text(task: Task, result: dict, reference: dict | None = None) -> str:
-  """Step-1 and last-step loss, or for generation how many rows' greedy tokens equal the
-  reference's."""
+  """Step-1 and last-step loss, for generation how many rows' greedy tokens equal the
+  reference's, for GRPO the mean reward and completion length."""
+  if task.kind == "grpo":
+    fmt = lambda key, spec: "-" if result[key] is None else format(result[key], spec)
+    return (f"reward {fmt('reward', '.3f')}, {fmt('completion_length', '.1f')} tokens/completion; "
+            f"rollout {statistics.median(result['rollout_times']):.2f} s + update "
+            f"{statistics.median(result['update_times']):.2f} s")
   if task.kind != "generate":
     return f"loss {result['check']:.4f} → {result['last_loss']:.4f}"
   if reference is None:
@@ -196,8 +217,12 @@ def task_flops(task: Task, spec: dict, cfg) -> float:
                                  reference=task.kind == "dpo", score_head=task.kind == "rm")
 
 
-def tokens_per_step(task: Task, spec: dict) -> float:
-  """Real (non-pad) trained tokens per step; new tokens per call for generation."""
+def tokens_per_step(task: Task, spec: dict, result: dict) -> float:
+  """Real (non-pad) trained tokens per step; new tokens per call for generation; sampled
+  completion tokens per iteration for GRPO."""
+  if task.kind == "grpo":
+    length = result["completion_length"]
+    return None if length is None else spec["batch_size"] * spec["generations"] * length
   if task.kind == "generate":
     return spec["batch_size"] * spec["new_tokens"]
   return trainers.real_tokens_per_step(dict(np.load(spec["batches"])))
@@ -212,27 +237,33 @@ def table_row(label: str, spec: dict, result: dict, ratio: str, cfg, peak: float
               reference: dict | None = None) -> list:
   """One row under HEADER; `reference` (generation) is the result to compare tokens with."""
   task = TASKS[spec["task"]]
-  median = statistics.median(result["step_times"])
-  flops, tokens = task_flops(task, spec, cfg), tokens_per_step(task, spec)
-  shape = f"{spec['batch_size']} x {spec['length']}"
+  shape = (f"{spec['batch_size']} x {spec['generations']} x {spec['new_tokens']}"
+           if task.kind == "grpo" else f"{spec['batch_size']} x {spec['length']}")
   if task.kind == "generate":
     shape += f"+{spec['new_tokens']}"
-  return [spec["task"], label, shape, f"{median:.3f}", f"{tokens / median:.1f}", ratio,
-          f"{100 * flops / median / peak:.1f}%", f"{100 * flops / median / PEAK_YARDSTICK:.1f}%",
+  if "missing" in result:
+    return [spec["task"], label, shape] + ["-"] * 7 + [result["missing"]]
+  median = statistics.median(result["step_times"])
+  tokens = tokens_per_step(task, spec, result)  # None: GRPO without completion lengths
+  mfu = (["-", "-"] if task.kind == "grpo" else  # sampled lengths: no fixed model FLOPs
+         [f"{100 * task_flops(task, spec, cfg) / median / p:.1f}%" for p in (peak, PEAK_YARDSTICK)])
+  return [spec["task"], label, shape, f"{median:.3f}",
+          "-" if tokens is None else f"{tokens / median:.1f}", ratio, *mfu,
           f"{result['rss_gb']:.2f}", f"{result['first_step']:.1f}",
           check_text(task, result, reference)]
 
 
 def speedup(ours: dict, reference: dict) -> float:
-  """jaxpost tokens/s over the reference's (same tokens per step: median time ratio)."""
+  """jaxpost tokens/s over the reference's (same tokens per step: median time ratio); GRPO: the
+  whole-iteration time ratio (each side samples its own completion lengths)."""
   return statistics.median(reference["step_times"]) / statistics.median(ours["step_times"])
 
 
 def table_rows(run: dict, cfg, peak: float) -> list[list]:
   spec, ours, ref = run["spec"], run["jaxpost"], run["reference"]
   is_gen = TASKS[spec["task"]].kind == "generate"
-  return [table_row("jaxpost", spec, ours, f"**{speedup(ours, ref):.2f}x**", cfg, peak,
-                    ref if is_gen else None),
+  ratio = "-" if "missing" in ours else f"**{speedup(ours, ref):.2f}x**"
+  return [table_row("jaxpost", spec, ours, ratio, cfg, peak, ref if is_gen else None),
           table_row(TASKS[spec["task"]].reference, spec, ref, "1.00x", cfg, peak)]
 
 
@@ -258,6 +289,11 @@ def notes(args, peak: float, load: tuple) -> str:
       "3F; LoRA 2W + 3A (frozen base weights get no weight gradient; adapters not counted);",
       "DPO adds one reference forward F; the reward model's head is [D, 1] (no LM head);",
       "generation counts the prompt forward plus one-token forwards at the mean context.",
+      "GRPO (benchmarks/grpo.py; shape prompts x completions per prompt x max new tokens): one",
+      "iteration = rollout (built-in arithmetic prompts, temperature 1, stop at EOS, jaxpost's",
+      f"verifier as reward) + one DAPO update (beta 0, lr {grpo.LEARNING_RATE:g}); the step is",
+      "the whole iteration, tokens/s counts sampled completion tokens (their number differs per",
+      "side: sampled lengths), and there is no MFU (no fixed shape).",
       f"MFU uses the 2048² fp32 matmul rate measured at the start of this run ({peak / 1e9:.0f}",
       f"GFLOP/s); the next column uses DESIGN.md's yardstick ({PEAK_YARDSTICK / 1e9:.0f}",
       f"GFLOP/s). TRL and transformers ran with torch.set_num_threads({args.torch_threads})",
