@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.algos import scoring
-from jaxpost.algos.rollout import RolloutConfig, sample_rollout
+from jaxpost.algos.rollout import RolloutConfig, logp_difference, sample_rollout
 from jaxpost.losses import grpo as grpo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.models.config import forward_flops_per_token
@@ -101,10 +101,15 @@ def settings(config) -> Settings:
   if ro.max_new_tokens < 1 or ro.temperature < 0:
     raise ValueError(f"config.rollout.max_new_tokens must be >= 1 and temperature >= 0, got "
                      f"{ro.max_new_tokens}, {ro.temperature}")
+  num_iterations = int(section.get("num_iterations", 1))
+  # π_old is needed before the first update for μ > 1 (ratios) and RLOO's KL-penalised reward;
+  # otherwise the first update's own forward is π_old and the rollout skips its recompute.
+  needs_old = num_iterations > 1 or (family == "rloo" and loss.beta > 0)
   rollout = RolloutConfig(num_generations=loss.num_generations, max_new_tokens=ro.max_new_tokens,
                           temperature=ro.temperature, top_k=ro.top_k, top_p=ro.top_p,
-                          chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)))
-  return Settings(family, loss, rollout, int(section.get("num_iterations", 1)),
+                          chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)),
+                          recompute_logprobs=needs_old)
+  return Settings(family, loss, rollout, num_iterations,
                   int(section.get("num_minibatches", 1)), rollout.chunk_size)
 
 
@@ -134,10 +139,15 @@ def rollout_loss(s: Settings, params, frozen, batch, rng, ctx):
   old = batch.get("old_logps")
   if s.family == "rloo":
     old = jax.lax.stop_gradient(logps) if old is None else old
-    return grpo_math.rloo_loss(logps, old, batch["advantages"], mask, s.loss.epsilon,
-                               s.loss.epsilon_high, entropy=stats["entropy"])
-  return grpo_math.grpo_loss(s.loss, logps, batch["advantages"], mask, old_logps=old,
-                             ref_logps=batch.get("ref_logps"), entropy=stats["entropy"])
+    loss, metrics = grpo_math.rloo_loss(logps, old, batch["advantages"], mask, s.loss.epsilon,
+                                        s.loss.epsilon_high, entropy=stats["entropy"])
+  else:
+    loss, metrics = grpo_math.grpo_loss(s.loss, logps, batch["advantages"], mask, old_logps=old,
+                                        ref_logps=batch.get("ref_logps"),
+                                        entropy=stats["entropy"])
+  if "sampler_logps" in batch:  # the rollout did not recompute: this forward is π_old
+    metrics.update(logp_difference(jax.lax.stop_gradient(logps), batch["sampler_logps"], mask))
+  return loss, metrics
 
 
 def row_weights(batch) -> jax.Array:
@@ -191,6 +201,8 @@ def make_iteration_update(s: Settings, setup, ref_module):
                  weight=mask.sum(-1) if dapo else jnp.ones(mask.shape[0], jnp.float32))
     if s.num_iterations > 1:
       batch["old_logps"] = rollout["logprobs"]
+    if not s.rollout.recompute_logprobs:
+      batch["sampler_logps"] = rollout["sampler_logprobs"]
     if ref_logps is not None and s.family == "grpo":
       batch["ref_logps"] = ref_logps
     rng = jax.random.fold_in(state.rng, MINIBATCH_STREAM)
@@ -219,15 +231,17 @@ def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
 def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads: bool,
                     reference: bool) -> tuple[float, float]:
   """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout
-  is the prefill of B prompts, R x N decode steps and the recompute forward of R rows of width
-  W = P + N; the update adds the reference forward and μ passes of forward + backward."""
+  is the prefill of B prompts, R x N decode steps and (when it recomputes log-probs) a forward of
+  the R rows of width W = P + N; the update adds the reference forward and μ passes of forward
+  + backward over the R rows."""
   width = prompt_width + s.rollout.max_new_tokens
   forward = forward_flops_per_token(cfg, width) * rows * width
   prompts = rows // s.num_generations
   decode = forward_flops_per_token(cfg, width) * rows * s.rollout.max_new_tokens
   prefill = forward_flops_per_token(cfg, prompt_width) * prompts * prompt_width
+  recompute = forward if s.rollout.recompute_logprobs else 0.0
   backward = (3 if weight_grads else 2) * forward * s.num_iterations
-  return prefill + decode + forward, backward + (forward if reference else 0.0)
+  return prefill + decode + recompute, backward + (forward if reference else 0.0)
 
 
 def make_step(setup):
@@ -246,9 +260,11 @@ def make_step(setup):
   def sample(params, frozen, batch, rng):
     rollout = sample_rollout(model, applied_params(params, frozen), batch, rng, s.rollout, mesh)
     fields = {**rollout.sequences(), "completion_mask": rollout.completion_mask,
-              "logprobs": rollout.logprobs, "completion_lengths": rollout.completion_lengths,
-              "finished": rollout.finished}
+              "sampler_logprobs": rollout.sampler_logprobs,
+              "completion_lengths": rollout.completion_lengths, "finished": rollout.finished}
     del fields["loss_mask"]
+    if rollout.logprobs is not None:
+      fields["logprobs"] = rollout.logprobs
     scores = (reward_module.scores(frozen["reward"], fields) if reward_module is not None
               else None)
     return fields, scores, rollout.metrics

@@ -5,7 +5,8 @@ From a prompt batch (`data/batching.py` `prompt_batch`: LEFT-padded `prompt_inpu
 
   1. samples G completions of up to N = max_new_tokens tokens per prompt with generate.py's
      engine (each distinct prompt prefilled once, its KV cache repeated to its G rows), from a
-     decode copy of the parameters in the compute dtype. Row r = i * G + j is sample j of prompt
+     decode copy of the parameters in the compute dtype (resharded once to be whole over the
+     "fsdp" mesh axis, still split over "tensor"). Row r = i * G + j is sample j of prompt
      i and draws step t with key fold_in(fold_in(rng, r), t);
   2. lays each of the R = B * G rows out as [prompt | completion] right-padded to L = P + N:
          input_ids        prompt tokens, completion tokens (EOS included), then pad
@@ -29,13 +30,15 @@ import dataclasses
 import functools
 from typing import Optional
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
 from jaxpost.generate import default_pad_id, sample_tokens
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
-from jaxpost.train.sharding import batch_sharding, constrain_rows
+from jaxpost.train.sharding import (DEFAULT_RULES, batch_sharding, constrain_rows,
+                                   param_shardings, without_axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,9 @@ class RolloutConfig:
 
   num_generations: G completions per prompt. temperature 0 = greedy. stop_token_ids: None = the
   model config's EOS ids. chunk_size: positions per row per LM-head chunk of the recompute.
+  recompute_logprobs: False skips step 3 (`logprobs` is None, no logp_difference metrics), for
+  callers whose update recomputes them anyway (GRPO with one update per rollout: the update's
+  own forward is π_old, and it reports logp_difference against `sampler_logprobs`).
   """
   num_generations: int
   max_new_tokens: int
@@ -52,6 +58,7 @@ class RolloutConfig:
   top_p: float = 1.0
   stop_token_ids: Optional[tuple] = None
   chunk_size: int = DEFAULT_CHUNK_SIZE
+  recompute_logprobs: bool = True
 
   def __post_init__(self):
     if not isinstance(self.num_generations, int) or self.num_generations < 1:
@@ -102,18 +109,26 @@ def sample_rollout(model, params, batch: dict, rng, config: RolloutConfig, mesh=
                   config=config, sharding=sharding)
 
 
-def decode_copy(params, cfg):
-  """The parameters with floating leaves cast to the compute dtype `cfg.dtype` (for decoding)."""
-  dtype = jnp.dtype(cfg.dtype)
+def decode_copy(params, model, mesh=None):
+  """The parameters with floating leaves cast to the compute dtype (for decoding); on a mesh with
+  an "fsdp" axis, resharded ONCE to be whole over it (`sharding.without_axis`), so decoding does
+  not all-gather every layer for every token. Lives inside the rollout's jit: freed before the
+  update."""
+  dtype = jnp.dtype(model.cfg.dtype)
   cast = lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p
-  return jax.tree.map(cast, params)
+  copy = jax.tree.map(cast, params)
+  if mesh is None or mesh.shape.get("fsdp", 1) == 1:
+    return copy
+  rules = without_axis(nn.get_logical_axis_rules() or DEFAULT_RULES, "fsdp")
+  return jax.lax.with_sharding_constraint(copy, param_shardings(model, mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "config", "sharding"))
 def _rollout(model, params, prompt_ids, prompt_mask, rng, *, config: RolloutConfig, sharding):
   greedy = config.temperature == 0.0
   sampled = sample_tokens(
-      model, decode_copy(params, model.cfg), prompt_ids, prompt_mask, rng,
+      model, decode_copy(params, model, sharding.mesh if sharding is not None else None),
+      prompt_ids, prompt_mask, rng,
       max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
       top_p=config.top_p, stop_token_ids=config.stop_token_ids, sharding=sharding,
       num_samples=config.num_generations)
@@ -125,13 +140,15 @@ def _rollout(model, params, prompt_ids, prompt_mask, rng, *, config: RolloutConf
   layout = {k: constrain_rows(v, sharding) for k, v in layout.items()}
   fields = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"],
             "positions": layout["positions"], "loss_mask": layout["completion_mask"]}
-  logprobs = model_token_stats(model, params, fields, chunk_size=config.chunk_size,
-                               temperature=config.scoring_temperature)["logprobs"]
+  logprobs, metrics = None, {}
+  if config.recompute_logprobs:
+    logprobs = model_token_stats(model, params, fields, chunk_size=config.chunk_size,
+                                 temperature=config.scoring_temperature)["logprobs"]
+    metrics = logp_difference(logprobs, sampler_lp, layout["completion_mask"])
   return Rollout(
       **layout, completion_lengths=sampled["lengths"], finished=sampled["stopped"],
       prompt_index=jnp.arange(num_rows) // config.num_generations, logprobs=logprobs,
-      sampler_logprobs=sampler_lp,
-      metrics=logp_difference(logprobs, sampler_lp, layout["completion_mask"]))
+      sampler_logprobs=sampler_lp, metrics=metrics)
 
 
 def training_layout(prompt_ids, prompt_mask, tokens, lengths, num_generations: int,

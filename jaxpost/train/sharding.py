@@ -82,6 +82,18 @@ def batch_sharding(mesh: Mesh, axes=BATCH_AXES) -> NamedSharding:
   return NamedSharding(mesh, P(axes))
 
 
+def without_axis(rules, axis: str) -> tuple:
+  """`rules` with mesh axis `axis` dropped from every mapping: e.g. the decode copy of the
+  weights, whole over "fsdp" (gathered once per rollout instead of once per decoded token) and
+  still split over "tensor"."""
+  def drop(axes):
+    if axes is None or isinstance(axes, str):
+      return None if axes == axis else axes
+    kept = tuple(a for a in axes if a != axis)
+    return kept or None
+  return tuple((name, drop(axes)) for name, axes in rules)
+
+
 def constrain_rows(x, sharding: Optional[NamedSharding]):
   """`x` constrained to have its leading (row) axis split like the first axis of `sharding` (a
   `batch_sharding`), its other axes replicated; `x` as is when `sharding` is None."""
