@@ -47,7 +47,7 @@ from jaxpost.train.evals import Evaluations
 from jaxpost.train.metrics import MetricsWriter, train_flops
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
-from jaxpost.train.report import format_report
+from jaxpost.train.report import before_after
 from jaxpost.train.step import train_step
 from jaxpost.train.validate import check as check_config
 from jaxpost.train.window import MetricWindow, NonFiniteError
@@ -326,9 +326,7 @@ class Trainer:
     out.update(evals.get("after", {}))
     if "before" in evals:
       out.update({f"{k}_before": v for k, v in evals["before"].items()})
-      table = format_report(evals["before"], out, step)
       if jax.process_index() == 0 and not self.stop_requested:  # preempted: no "after" yet
-        print(f"Before/after training (eval: {self.evaluations.description}):\n{table}"
-              if table else f"No before/after table: {self.evaluations.description}")
+        print(before_after(evals["before"], out, step, self.evaluations.description))
     out["preempted"], out["complete"] = self.stop_requested, False
     return out

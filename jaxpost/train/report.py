@@ -60,3 +60,11 @@ def format_report(before: dict, after: dict, step: int) -> str:
   lines = [f"{'metric':<{width}}  {'step 0':>9}  {'step ' + str(step):>9}"]
   lines += [f"{k:<{width}}  {before[k]:>9.4f}  {after[k]:>9.4f}" for k in keys]
   return "\n".join(lines)
+
+
+def before_after(before: dict, after: dict, step: int, eval_description: str) -> str:
+  """What a run prints at the end: the before/after table, or why there is none."""
+  table = format_report(before, after, step)
+  if not table:
+    return f"No before/after table: {eval_description}"
+  return f"Before/after training (eval: {eval_description}):\n{table}"
