@@ -282,9 +282,10 @@ class Evaluations:
   def __init__(self, setup: algorithms.StepSetup, make_loader: Callable[[str], Any],
                eval_loader=None):
     cfg, algorithm = setup.config, setup.algorithm
+    self.data = cfg.data
     self.loaders = {algorithm.loader_kind: eval_loader} if eval_loader is not None else {}
-    sources, _, _, plan = heldout.eval_plan(cfg.data)
-    self.description = "the given eval loader" if eval_loader is not None else plan
+    self.description = ("the given eval loader" if eval_loader is not None
+                        else heldout.eval_plan(cfg.data)[3])
     self.evaluators, self.latest, self.ran_at = [], {}, {}
     all_specs = specs(cfg, algorithm)
     if any(s.type != "task" for s in all_specs):
@@ -294,17 +295,19 @@ class Evaluations:
         self.evaluators.append((spec, TaskEvaluator(spec, setup)))
         continue
       kind = algorithm.loader_kind if spec.type == "loss" else "prompt"
-      loader = self._loader(kind, make_loader, sources is not None)
+      loader = self._loader(kind, make_loader)
       if loader is None:
         log.info("evaluator %r (%s) skipped: %s", spec.name, spec.type, self.description)
         continue
       evaluator = LossEvaluator if spec.type == "loss" else RolloutEvaluator
       self.evaluators.append((spec, evaluator(spec, setup, loader)))
 
-  def _loader(self, kind: str, make_loader, have_data: bool) -> Optional[Any]:
-    if kind not in self.loaders and have_data:
-      self.loaders[kind] = make_loader(kind)
-    return self.loaders.get(kind)
+  def _loader(self, kind: str, make_loader) -> Optional[Any]:
+    """The eval loader of `kind` (None without eval data)."""
+    if kind not in self.loaders:
+      has_data = heldout.eval_plan(self.data)[0] is not None
+      self.loaders[kind] = make_loader(kind) if has_data else None
+    return self.loaders[kind]
 
   def due(self, step: int) -> list[str]:
     """Names of the evaluators whose interval divides `step`."""
@@ -334,4 +337,5 @@ class Evaluations:
 
   def close(self):
     for loader in self.loaders.values():
-      getattr(loader, "close", lambda: None)()
+      if loader is not None:
+        getattr(loader, "close", lambda: None)()
