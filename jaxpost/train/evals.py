@@ -268,7 +268,7 @@ def _eval_batches(spec: Spec, setup, loader, start, step: int):
   """The evaluator's `batches` global batches of `loader`, from its start each time."""
   loader.restore(start)
   batches, n = iter(loader), spec.settings["batches"]
-  for _ in progress(range(n), n, f"eval {spec.name} @ step {step}",
+  for _ in progress(range(n), n, f"eval @ step {step} ({spec.name})",
                     setup.config.metrics.progress_bar):
     yield sh.global_batch(next(batches), setup.batch_sharding, jax.process_count())
 
@@ -324,7 +324,9 @@ class Evaluations:
         continue
       start = time.perf_counter()
       record = {spec.key(k): v for k, v in evaluator(step, params, frozen).items()}
-      log.info("eval %r at step %d in %.1fs", spec.name, step, time.perf_counter() - start)
+      if "batches" in spec.settings:  # the task report logs its own line
+        log.info("eval at step %d: %d batches in %.1fs (%s)", step, spec.settings["batches"],
+                 time.perf_counter() - start, spec.name)
       if record:
         writer.write(step, record)
       self.latest[spec.name], self.ran_at[spec.name] = record, step

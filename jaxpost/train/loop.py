@@ -17,8 +17,8 @@ No host sync happens between log boundaries: step metrics stay on device until t
 A step whose loss, gradient, update or new parameters are non-finite, or whose update is a
 blow-up (||update|| > max_update_ratio * ||params||), raises `NonFiniteError` naming the step at
 the next flush; flushes precede every checkpoint and evaluation, so such a state is never
-saved. SIGTERM
-finishes the current step, saves (unless checkpoint.every < 0) and returns `preempted=True`.
+saved. SIGTERM finishes the current step, saves (unless checkpoint.every < 0) and returns
+`preempted=True`.
 Resuming needs the same data stream: a checkpoint saved for other data, seed or batch size
 raises `ResumeError` naming what differs.
 """
@@ -62,8 +62,9 @@ class ResumeError(ValueError):
 
 def train(config, train_loader=None, eval_loader=None) -> dict:
   """Trains per `config` (see configs/base.py); returns the final metrics (last logged train
-  record, the final record of every evaluator (`eval/*`, `task/*`), `step`, `preempted`: stopped by SIGTERM, `complete`: the
-  workdir already held a checkpoint at max_steps, so nothing ran). Loaders default to
+  record, the final record of every evaluator (`eval/*`, `task/*`, and `<key>_before` of the
+  step-0 ones), `step`, `preempted`: stopped by SIGTERM, `complete`: the workdir already held a
+  checkpoint at max_steps, so nothing ran). Loaders default to
   `data.train` / `data.eval`."""
   initialize_distributed(config.distributed)
   check_config(config, jax.device_count(), jax.process_count(), own_data=train_loader is None)
