@@ -94,7 +94,8 @@ RUNS = [
         "data.truncation_mode": "keep_start", "center_rewards_coefficient": 0.01,
         "optimizer.b1": 0.8, "optimizer.b2": 0.99, "optimizer.eps": 1e-6, "mesh.data": 1,
         "mesh.tensor": -1, "metrics.cpu_peak_flops": 1e9, "data.task_kind": None,
-        "max_update_ratio": 10.0, "max_steps": 2, "batch_size": 4}),
+        "max_update_ratio": 10.0, "max_steps": 2, "batch_size": 4,
+        "evals": {"held": {"type": "loss", "every": 1, "batches": 1}}}),
     ("dpo_explicit_reference", "dpo:tiny", {
         "data.train": "{pairs}", "data.eval": "", "ref.name_or_path": "{model}",
         "precompute_ref": True, "data.cache": False, "loss_type": "robust", "label_smoothing": 0.1,
@@ -194,6 +195,15 @@ def _check_epochs(out, records, workdir, stdout):
   assert len(list((workdir / "checkpoints").iterdir())) == 1  # checkpoint.keep=1
 
 
+def _check_named_evaluator(out, records, workdir, stdout):
+  """config.evals replaces the default loss + task evaluators: one named loss evaluator, every
+  step, logged under its name."""
+  evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+  assert [r["step"] for r in evals] == [0, 1, 2]
+  assert all("eval/held/loss" in r and "eval/held/accuracy" in r for r in evals)
+  assert all(k.startswith("eval/held/") for r in evals for k in r if k != "step")
+
+
 def _check_explicit_reference(out, records, workdir, stdout):
   """Issue 13 item 0: ref.name_or_path = an HF dir written by jaxpost.save_model once failed
   with "No model directory at 'lm'". The reference must be that saved (seed 1) model, not a
@@ -216,5 +226,6 @@ def train_of(records):
 
 
 CHECKS = {"sft_chat_packed_epochs": _check_epochs,
+          "rm_save_to_disk_splits": _check_named_evaluator,
           "dpo_explicit_reference": _check_explicit_reference,
           "dpo_simpo_lora_own_data": _check_own_data_lora}

@@ -36,6 +36,9 @@ KEYS = {
                   "training",
     "eval_batches": "batches of eval data per evaluation, the same ones each time",
     "eval_at_start": "evaluate (and report the task) before the first step",
+    "evals": "named evaluators {type: loss | task | rollout, every, ...} (jaxpost/train/"
+             "evals.py); empty: the algorithm's defaults (loss + task, rollout algorithms: "
+             "rollout + task) set by eval_every, eval_batches and report.*",
     "max_update_ratio": "stop, without saving the step, when ||update|| > max_update_ratio x "
                         "||params|| (a blow-up; 0: off); a non-finite loss, gradient, update or "
                         "parameter always stops",
@@ -114,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.eval_batches = 4
   c.eval_at_start = True
+  c.evals = ml_collections.ConfigDict()
   c.max_update_ratio = 1.0
   c.logprob_chunk_size = 32
   c.export_hf = ""

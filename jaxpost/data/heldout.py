@@ -73,9 +73,14 @@ def report_task(config) -> str:
   """The built-in task to report on ("" for none); see the module docstring."""
   report = _get(config, "report")
   task = _get(report, "task", "") if report is not None else ""
+  return resolve_task(task, _get(_get(config, "data"), "train"))
+
+
+def resolve_task(task, train) -> str:
+  """`task` as named ("" / None: none), or for "auto" the one built-in task of `train`."""
   if task != AUTO:
     return task or ""
-  tasks = builtin_tasks(_get(_get(config, "data"), "train"))
+  tasks = builtin_tasks(train)
   return next(iter(tasks)) if tasks and len(tasks) == 1 else ""
 
 

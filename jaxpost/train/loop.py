@@ -6,17 +6,19 @@
     -> repeat: next batch -> [collect] -> the algorithm's step (default: one jitted, donated
                optimiser update; rollout algorithms: one iteration, algorithms.py `make_step`)
                every log_every: fetch device metrics, check them and the last async save,
-                                write a record
-               every eval_every: eval loss (+ perplexity) on `eval_batches` batches of eval
-               data (data.eval; "auto" follows data.train: jaxpost/data/heldout.py)
+                                write a record (train/window.py)
+               every evaluator's `every`: its evaluation (train/evals.py: loss on eval data,
+               held-out task accuracy, rollouts of held-out prompts)
                every checkpoint.every and at the end: async checkpoint (state, data position)
+    -> every evaluator once more at the end (eval_at_start: also before the first step)
     -> optional HF export
 
 No host sync happens between log boundaries: step metrics stay on device until the next flush.
 A step whose loss, gradient, update or new parameters are non-finite, or whose update is a
 blow-up (||update|| > max_update_ratio * ||params||), raises `NonFiniteError` naming the step at
-the next flush; flushes precede every checkpoint, so such a state is never saved. SIGTERM
-finishes the current step, saves (unless checkpoint.every < 0) and returns `preempted=True`.
+the next flush; flushes precede every checkpoint and evaluation, so such a state is never
+saved. SIGTERM finishes the current step, saves (unless checkpoint.every < 0) and returns
+`preempted=True`.
 Resuming needs the same data stream: a checkpoint saved for other data, seed or batch size
 raises `ResumeError` naming what differs.
 """
@@ -34,7 +36,6 @@ from typing import Optional
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 from jaxpost.data import heldout
 from jaxpost.data.loader import make_loader
@@ -43,18 +44,17 @@ from jaxpost.models.lora import LoraSpec
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
-from jaxpost.train.metrics import MetricsWriter, peak_flops_per_device, progress, train_flops
+from jaxpost.train.evals import Evaluations
+from jaxpost.train.metrics import MetricsWriter, train_flops
 from jaxpost.train.optim import build_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
-from jaxpost.train.report import format_report, task_report
-from jaxpost.train.step import make_eval_step, train_step
+from jaxpost.train.report import before_after
+from jaxpost.train.step import train_step
 from jaxpost.train.validate import check as check_config
+from jaxpost.train.window import MetricWindow, NonFiniteError
 
 log = logging.getLogger("jaxpost.train")
-
-
-class NonFiniteError(FloatingPointError):
-  """A step went non-finite or blew up; raised at the next log or checkpoint boundary."""
+__all__ = ["NonFiniteError", "ResumeError", "Trainer", "train"]
 
 
 class ResumeError(ValueError):
@@ -63,8 +63,9 @@ class ResumeError(ValueError):
 
 def train(config, train_loader=None, eval_loader=None) -> dict:
   """Trains per `config` (see configs/base.py); returns the final metrics (last logged train
-  record, `eval/*` of the final eval, `step`, `preempted`: stopped by SIGTERM, `complete`: the
-  workdir already held a checkpoint at max_steps, so nothing ran). Loaders default to
+  record, the final record of every evaluator (`eval/*`, `task/*`, and `<key>_before` of the
+  step-0 ones), `step`, `preempted`: stopped by SIGTERM, `complete`: the workdir already held a
+  checkpoint at max_steps, so nothing ran). Loaders default to
   `data.train` / `data.eval`."""
   initialize_distributed(config.distributed)
   check_config(config, jax.device_count(), jax.process_count(), own_data=train_loader is None)
@@ -121,7 +122,7 @@ class Trainer:
     load = functools.partial(load_sharded, config.model, mesh, rules)
     self.lora = LoraSpec.from_config(config)
     self.policy = load(head=algorithm.head, seed=config.seed, lora=self.lora)
-    self._build_loaders(train_loader, eval_loader)
+    self.loader = train_loader or self._make_loader(algorithm.loader_kind, "train")
     self.config = config = self._steps_from_epochs(config)
     trainable, base = self._split_trainable()
     self.frozen, modules = algorithm.prepare_frozen(algorithms.SetupContext(
@@ -135,13 +136,14 @@ class Trainer:
                                               algorithm.init_extra(config))
     self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
     self.ctx = algorithms.LossContext(self.policy.model, config, True, modules)
-    self._jit_steps(tx, schedule, state_sh)
+    setup = self._step_setup(tx, schedule, state_sh)
+    self.train_step = (algorithm.make_step or train_step)(setup)
+    self.evaluations = Evaluations(setup, lambda kind: self._make_loader(kind, "eval"),
+                                   eval_loader)
     self.ckpt = Checkpointer(config.workdir, config.checkpoint.keep, config.checkpoint.async_save)
     self.start_step = self._maybe_resume(state_sh)
     self.stop_requested = False
-    self.pending = []  # (step, device metrics, flops, timed) since the last flush
-    self.last, self.last_eval = {}, {}
-    self.num_tokens, self.compile_time = 0.0, None
+    self.last_eval = {}
 
   # ------------------------------------------------------------------------------- setup
 
@@ -154,33 +156,18 @@ class Trainer:
     log.info(lora.describe(base, trainable))
     return trainable, base
 
-  def _jit_steps(self, tx, schedule, state_sh):
-    """The loop step (the algorithm's `make_step`, default: the jitted gradient step with the
-    state donated) and the eval step, with explicit in/out shardings."""
-    cfg, mesh = self.config, self.mesh
+  def _step_setup(self, tx, schedule, state_sh) -> algorithms.StepSetup:
+    """What the loop step (the algorithm's `make_step`, default: the jitted gradient step with
+    the state donated) and the evaluators are built from: explicit shardings included."""
     frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
-    self._batch_sharding = sh.batch_sharding(mesh)
-    rep = sh.replicated(mesh)
-    setup = algorithms.StepSetup(cfg, self.algorithm, self.ctx, tx, schedule, mesh, state_sh,
-                                 frozen_sh, self._batch_sharding, self.policy, self.loader)
-    self.train_step = (self.algorithm.make_step or train_step)(setup)
-    eval_ctx = dataclasses.replace(self.ctx, training=False)
-    self.eval_step = jax.jit(
-        make_eval_step(self.algorithm, eval_ctx, cfg.grad_accum, mesh),
-        in_shardings=(state_sh.params, frozen_sh, self._batch_sharding), out_shardings=rep)
+    self._batch_sharding = sh.batch_sharding(self.mesh)
+    return algorithms.StepSetup(self.config, self.algorithm, self.ctx, tx, schedule, self.mesh,
+                                state_sh, frozen_sh, self._batch_sharding, self.policy,
+                                self.loader)
 
-  def _build_loaders(self, train_loader, eval_loader):
-    cfg, kind = self.config, self.algorithm.loader_kind
-    make = lambda split: make_loader(cfg, self.policy.tokenizer, self.policy.config.vocab_size,
-                                     kind, split, jax.process_index(), jax.process_count())
-    self.loader = train_loader or make("train")
-    self.eval_description = "the given eval loader"
-    if eval_loader is None and "loss" in self.algorithm.evals:
-      sources, _, _, self.eval_description = heldout.eval_plan(cfg.data)
-      eval_loader = make("eval") if sources is not None else None
-    log.info("eval data: %s", self.eval_description)
-    self.eval_loader = eval_loader
-    self._eval_start = eval_loader.state() if eval_loader is not None else None
+  def _make_loader(self, kind: str, split: str):
+    return make_loader(self.config, self.policy.tokenizer, self.policy.config.vocab_size, kind,
+                       split, jax.process_index(), jax.process_count())
 
   def _steps_from_epochs(self, config):
     """`config`, or with num_epochs > 0 a copy whose max_steps covers that many epochs."""
@@ -242,36 +229,34 @@ class Trainer:
     previous_handler = self._install_sigterm()
     evals = {}
     try:
+      self.window = MetricWindow(cfg, self.writer, self.ckpt, self.loader,
+                                 self.algorithm.finalize_metrics)
       if cfg.eval_at_start and step == 0:
-        evals["before"] = self._evaluate_all(step)
+        evals["before"] = self._evaluate(step)
       self.writer.start_progress()
-      self.window_start = time.perf_counter()
+      self.window.restart()
       batches = self._batches()
       while step < cfg.max_steps and not self.stop_requested:
         batch = next(batches)
         flops = train_flops(self.policy.config, batch, weight_grads=self.lora is None)
         self.state, metrics = self.train_step(self.state, self.frozen, self._global(batch))
         step += 1
-        first = step == self.start_step + 1
-        if first:  # one sync: the first step's time is mostly compilation
-          jax.block_until_ready(metrics)
-          self.compile_time = time.perf_counter() - self.window_start
-          self.window_start = time.perf_counter()
-        self.pending.append((step, metrics, flops, not first))
+        # the first step's time is mostly compilation: one sync, timed apart
+        self.window.add(step, metrics, flops, first=step == self.start_step + 1)
         self._boundaries(step)
-      self._flush(step)
+      self.window.flush(step)
       self._save(step)
       if not self.stop_requested:
-        evaluated = cfg.eval_every and step % cfg.eval_every == 0
-        evals["after"] = self._evaluate_all(step, loss=not evaluated)
+        self._evaluate(step, self.evaluations.not_run_at(step))
+        evals["after"] = self.evaluations.latest_records()
         if cfg.export_hf:
           self._export(Path(cfg.workdir) / cfg.export_hf)
     finally:
       if previous_handler is not None:
         signal.signal(signal.SIGTERM, previous_handler)
       self.writer.close()
-      for loader in (self.loader, self.eval_loader):
-        getattr(loader, "close", lambda: None)()
+      getattr(self.loader, "close", lambda: None)()
+      self.evaluations.close()
       self.ckpt.close()
     return self._summary(step, evals)
 
@@ -279,11 +264,11 @@ class Trainer:
     cfg = self.config
     every = lambda n: n > 0 and step % n == 0
     save = every(cfg.checkpoint.every)
-    evaluate = self.eval_loader is not None and every(cfg.eval_every)
-    if every(cfg.log_every) or save or evaluate or self.stop_requested:
-      self._flush(step)
-    if evaluate:
-      self.last_eval = self._evaluate(step)
+    due = self.evaluations.due(step)
+    if every(cfg.log_every) or save or due or self.stop_requested:
+      self.window.flush(step)
+    if due:
+      self.last_eval.update(self._evaluate(step, due))
     if save or self.stop_requested:
       self._save(step)
     if self.stop_requested:
@@ -291,87 +276,11 @@ class Trainer:
           "no checkpoint saved (checkpoint.every < 0), a rerun starts over")
       log.warning("SIGTERM at step %d: %s; stopping", step, saved)
 
-  def _flush(self, step: int):
-    """Fetches pending metrics, stops on a non-finite step, writes the averaged record."""
-    if not self.pending:
-      return
-    fetched = jax.device_get([m for _, m, _, _ in self.pending])
-    elapsed = time.perf_counter() - self.window_start
-    self.ckpt.check()
-    for (s, _, _, _), m in zip(self.pending, fetched):
-      self._check_step(s, m)
-    record = {k: float(np.mean([m[k] for m in fetched]))
-              for k in fetched[0] if k not in ("finite", "tokens", "flops")}
-    record["learning_rate"] = float(fetched[-1]["learning_rate"])
-    timed = [(m, float(m.get("flops", f))) for (_, _, f, t), m in zip(self.pending, fetched)
-             if t]
-    if timed:
-      record.update(self._throughput(timed, elapsed))
-    if self.compile_time is not None:
-      record["compile_time"], self.compile_time = self.compile_time, None
-    self.num_tokens += sum(float(m["tokens"]) for m in fetched)
-    record["num_tokens"] = self.num_tokens
-    if hasattr(self.loader, "epoch"):
-      record["epoch"] = self.loader.epoch
-    if self.algorithm.finalize_metrics:
-      record = self.algorithm.finalize_metrics(record)
-    self.writer.write(step, record)
-    self.writer.advance(len(self.pending))
-    self.last = record
-    self.pending = []
-    self.window_start = time.perf_counter()
-
-  def _check_step(self, step: int, m: dict):
-    """`NonFiniteError` if step `step` went non-finite or its update blew up."""
-    ratio = self.config.get("max_update_ratio", 0.0)
-    exploded = ratio > 0 and m["update_norm"] > ratio * m["param_norm"]
-    if m["finite"] and not exploded:
-      return
-    what = (f"update_norm {m['update_norm']:.4g} > max_update_ratio={ratio} x param_norm "
-            f"{m['param_norm']:.4g}" if m["finite"] else "non-finite values")
-    raise NonFiniteError(
-        f"Training diverged at step {step} ({what}; loss={m['loss']}, grad_norm="
-        f"{m['grad_norm']}, update_norm={m['update_norm']}, param_norm={m['param_norm']}); "
-        f"stopping without checkpointing it. Last checkpoint: step {self.ckpt.latest_step()} in "
-        f"{self.ckpt.directory}")
-
-  def _throughput(self, timed, elapsed: float) -> dict:
-    """step_time, tokens_per_sec (real tokens) and MFU over the timed steps of a window."""
-    tokens = sum(float(m["tokens"]) for m, _ in timed)
-    flops = sum(f for _, f in timed)
-    peak = jax.device_count() * peak_flops_per_device(self.config.metrics.cpu_peak_flops)
-    return {"step_time": elapsed / len(timed), "tokens_per_sec": tokens / elapsed,
-            "mfu": flops / elapsed / peak}
-
-  def _evaluate(self, step: int) -> dict:
-    """Weighted mean of the loss and metrics over `eval_batches` eval batches (same batches each
-    time), logged as eval/<name>."""
-    self.eval_loader.restore(self._eval_start)
-    batches, n, start = iter(self.eval_loader), self.config.eval_batches, time.perf_counter()
-    results = [jax.device_get(self.eval_step(self.state.params, self.frozen,
-                                             self._global(next(batches))))
-               for _ in progress(range(n), n, f"eval @ step {step}",
-                                 self.config.metrics.progress_bar)]
-    log.info("eval at step %d: %d batches in %.1fs", step, n, time.perf_counter() - start)
-    weights = np.array([w for _, w in results], np.float64)
-    total = weights.sum() or 1.0
-    metrics = {k: float(sum(w * m[k] for (m, _), w in zip(results, weights)) / total)
-               for k in results[0][0]}
-    if self.algorithm.finalize_metrics:
-      metrics = self.algorithm.finalize_metrics(metrics)
-    record = {f"eval/{k}": v for k, v in metrics.items()}
-    self.writer.write(step, record)
-    self.window_start = time.perf_counter()
+  def _evaluate(self, step: int, names=None) -> dict:
+    """The named evaluators (None: all) on the current policy; their time is not training's."""
+    record = self.evaluations.run(step, self.state.params, self.frozen, self.writer, names)
+    self.window.restart()
     return record
-
-  def _evaluate_all(self, step: int, loss: bool = True) -> dict:
-    """Eval loss/metrics (when there is eval data) and the held-out task report."""
-    record = self._evaluate(step) if loss and self.eval_loader is not None else {}
-    params = algorithms.applied_params(self.state.params, self.frozen)
-    task = task_report(self.policy, params, self.config)
-    if task:
-      self.writer.write(step, task)
-    return {**record, **task}
 
   def _checkpointing(self, step: int) -> bool:
     return self.config.checkpoint.every >= 0 and step > 0
@@ -400,13 +309,11 @@ class Trainer:
     log.info("export: done in %.1fs", time.perf_counter() - start)
 
   def _summary(self, step: int, evals: dict) -> dict:
-    out = {"step": step, **self.last, **self.last_eval}
+    out = {"step": step, **self.window.last, **self.last_eval}
     out.update(evals.get("after", {}))
     if "before" in evals:
       out.update({f"{k}_before": v for k, v in evals["before"].items()})
-      table = format_report(evals["before"], out, step)
       if jax.process_index() == 0 and not self.stop_requested:  # preempted: no "after" yet
-        print(f"Before/after training (eval: {self.eval_description}):\n{table}" if table
-              else f"No before/after table: {self.eval_description}")
+        print(before_after(evals["before"], out, step, self.evaluations.description))
     out["preempted"], out["complete"] = self.stop_requested, False
     return out

@@ -13,8 +13,9 @@ Every other key is checked by the code that owns it, called here: the algorithm'
 (`Algorithm.check_config`, e.g. the preference loss config parses loss_type and beta),
 optimizer.* (train/optim.py), model.* (train/state.py `model_config`: dtypes, remat policy,
 overrides, the checkpoint's config.json; no weights are read), mesh.* (train/sharding.py),
-lora.* (models/lora.py `LoraSpec`), data.* (the source specs, truncation limits and train_on
-of jaxpost/data, and the eval plan of jaxpost/data/heldout.py).
+lora.* (models/lora.py `LoraSpec`), evals.* (train/evals.py: types, keys, values), data.* (the
+source specs, truncation limits and train_on of jaxpost/data, and the eval plan of
+jaxpost/data/heldout.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from jaxpost.data.loader import parse_sources
 from jaxpost.data.synthetic import parse_spec
 from jaxpost.data.tasks import reward_fn
 from jaxpost.models.lora import LoraSpec
-from jaxpost.train import algorithms
+from jaxpost.train import algorithms, evals
 from jaxpost.train import sharding as sh
 from jaxpost.train.optim import check_optimizer_config
 from jaxpost.train.state import model_config
@@ -49,6 +50,8 @@ def check(config, num_devices: int, num_processes: int = 1, own_data: bool = Tru
     _check_batch_split(config, num_devices, num_processes)
     if algorithm.check_config is not None:
       algorithm.check_config(config)
+  with _owner("config.evals"):
+    evals.check(config, algorithm)
   with _owner("config.optimizer"):
     check_optimizer_config(config.optimizer)
   with _owner("config.lora"):
