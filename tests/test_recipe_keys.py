@@ -20,7 +20,9 @@ from jaxpost.train import sharding as sh
 from jaxpost.train.state import load_sharded
 
 VARIANTS = {"sft": ("default", "lora", "tiny", "synthetic"), "rm": ("default", "tiny"),
-            "dpo": ("default", "kto", "lora", "tiny")}
+            "dpo": ("default", "kto", "lora", "tiny"),
+            "grpo": ("default", "dapo", "dr_grpo", "lora", "tiny"),
+            "rloo": ("default", "lora", "tiny")}
 
 # Keys no run sets, and why.
 EXEMPT = {
@@ -31,7 +33,15 @@ EXEMPT = {
     "distributed.cpu_collectives": "several processes: tests/test_train_multiprocess.py",
     "metrics.wandb": "needs the wandb package and an account; not a test dependency",
     "metrics.wandb_project": "read only by wandb.init (see metrics.wandb)",
+    "reward.model": "needs a score-head checkpoint: tests/test_grpo.py::"
+                    "test_rloo_with_reference_and_reward_model runs one",
+    "reward.model_weight": "with reward.model (tests/test_grpo.py)",
 }
+
+REWARDS = """
+def short(prompts, completions, answer, **columns):
+    return [1.0 / (1 + len(c[0]["content"])) for c in completions]
+"""
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -65,7 +75,14 @@ def files(tmp_path_factory):
           "pairs": _write_jsonl(root / "pairs.jsonl", PAIRS),
           "pairs_dd": str(root / "pairs_dd"),
           "unpaired": _write_jsonl(root / "unpaired.jsonl", unpaired),
-          "model": str(root / "tiny_hf"), "cache": str(root / "token_cache")}
+          "model": str(root / "tiny_hf"), "cache": str(root / "token_cache"),
+          "rewards": _write_text(root / "my_rewards.py", REWARDS) + ":short",
+          "rewards_and_builtin": str(root / "my_rewards.py") + ":short,builtin:arithmetic"}
+
+
+def _write_text(path, text: str) -> str:
+  path.write_text(text)
+  return str(path)
 
 
 # (name, recipe:variant, overrides); "{chats}" etc. are paths from the `files` fixture.
@@ -112,6 +129,22 @@ RUNS = [
         "desirable_weight": 1.5, "undesirable_weight": 0.5, "optimizer.name": "sgd",
         "optimizer.momentum": 0.9, "optimizer.schedule": "constant", "eval_at_start": False,
         "report.task": "", "max_steps": 2, "batch_size": 4}),
+    ("grpo_every_variant_key", "grpo:tiny", {
+        "grpo.num_generations": 2, "grpo.beta": 0.05, "grpo.epsilon": 0.1,
+        "grpo.epsilon_high": 0.28, "grpo.num_iterations": 2, "grpo.num_minibatches": 2,
+        "grpo.loss_type": "bnpo", "grpo.scale_rewards": "batch",
+        "grpo.importance_sampling_level": "sequence", "grpo.use_bias_correction_kl": False,
+        "grpo.mask_truncated_completions": True, "grpo.dynamic_sampling": True,
+        "grpo.overlong_buffer": 2, "rollout.max_new_tokens": 5, "rollout.temperature": 0.8,
+        "rollout.top_k": 50, "rollout.top_p": 0.9,
+        "reward.funcs": "{rewards_and_builtin}", "reward.weights": [1.0, 0.5],
+        "max_steps": 2, "eval_at_start": False}),
+    ("rloo_every_key", "rloo:tiny", {
+        "rloo.num_generations": 2, "rloo.beta": 0.1, "rloo.epsilon": 0.3,
+        "rloo.epsilon_high": 0.4, "rloo.num_iterations": 2, "rloo.num_minibatches": 2,
+        "rloo.normalize_advantages": True, "reward.funcs": "{rewards}", "max_steps": 2,
+        "ref.name_or_path": "{model}",
+        "eval_at_start": False, "report.task": ""}),
 ]
 HARNESS = {"metrics.progress_bar": False}  # every run: quiet, and its own workdir
 
@@ -158,7 +191,8 @@ def test_every_key_is_documented_and_every_doc_names_a_key():
 
 def test_every_key_is_covered():
   """Each key of each recipe differs from its recipe default in at least one run."""
-  fake_files = {k: f"/tmp/{k}" for k in ("chats", "pairs", "pairs_dd", "unpaired", "model", "cache")}
+  fake_files = {k: f"/tmp/{k}" for k in ("chats", "pairs", "pairs_dd", "unpaired", "model", "cache",
+                                                "rewards", "rewards_and_builtin")}
   docs = keys.all_docs()
   covered = set()
   for name, recipe, overrides in RUNS:
@@ -225,7 +259,24 @@ def train_of(records):
   return [r for r in records if "loss" in r]
 
 
+def _check_grpo_keys(out, records, workdir, stdout):
+  """Two reward functions, weighted; completions of at most 5 tokens; a random model never ends
+  one that soon, so mask_truncated_completions leaves nothing to train on."""
+  rows = train_of(records)
+  assert "rewards/short/mean" in rows[0] and "rewards/arithmetic/mean" in rows[0]
+  assert all(r["completions/max_length"] <= 5 for r in rows)
+  assert all(r["completions/clipped_ratio"] == 1.0 and r["grad_norm"] == 0.0 for r in rows)
+
+
+def _check_rloo_keys(out, records, workdir, stdout):
+  """β > 0 against a named reference: another model, so kl is non-zero from the first step."""
+  first = train_of(records)[0]
+  assert first["kl"] > 1e-3 and first["grad_norm"] > 0
+
+
 CHECKS = {"sft_chat_packed_epochs": _check_epochs,
+          "grpo_every_variant_key": _check_grpo_keys,
+          "rloo_every_key": _check_rloo_keys,
           "rm_save_to_disk_splits": _check_named_evaluator,
           "dpo_explicit_reference": _check_explicit_reference,
           "dpo_simpo_lora_own_data": _check_own_data_lora}
