@@ -62,7 +62,9 @@ def _greedy_kv(lm, ids, mask, new_tokens):
   slots = p + new_tokens
   positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
   kv_mask = np.concatenate([mask, np.zeros((b, new_tokens), np.int32)], axis=1)
-  decode = jax.jit(lambda *a: lm.model.apply({"params": lm.params}, *a, method="decode"))
+  # The weights are an argument, not closed-over constants (which XLA would fold into the program).
+  apply = jax.jit(lambda params, *a: lm.model.apply({"params": params}, *a, method="decode"))
+  decode = lambda *a: apply(lm.params, *a)
   logits, cache = decode(ids, positions, kv_mask, init_cache(lm.config, b, slots), 0)
   token, pos = jnp.argmax(logits[:, -1], -1), positions[:, -1]
   out = []
