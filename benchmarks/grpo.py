@@ -275,7 +275,7 @@ def main():
   table = [HEADER, table_row("jaxpost", spec, ours, ratio),
            table_row(run.TASKS["grpo"].reference, spec, ref, "1.00x")]
   common.write_result(
-      "grpo", f"GRPO: one iteration, jaxpost vs TRL GRPOTrainer, SmolLM2-135M fp32",
+      "grpo", "GRPO: one iteration, jaxpost vs TRL GRPOTrainer, SmolLM2-135M fp32",
       f"PYTHONPATH=/tmp/trl_site python benchmarks/grpo.py --steps={args.steps} "
       f"--prompts={args.prompts} --generations={args.generations} "
       f"--new_tokens={args.new_tokens} --torch_threads={args.torch_threads}", table,
