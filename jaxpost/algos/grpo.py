@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxpost.algos import scoring
-from jaxpost.algos.rollout import RolloutConfig, logp_difference, sample_rollout
+from jaxpost.algos.rollout import (RolloutConfig, frozen_logprobs, logp_difference,
+                                   sample_rollout)
 from jaxpost.losses import grpo as grpo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.models.config import forward_flops_per_token
@@ -192,9 +193,7 @@ def make_iteration_update(s: Settings, setup, ref_module):
   def iteration(state, frozen, rollout, rewards):
     ref_logps = None
     if "ref" in frozen:
-      ref_logps = jax.lax.stop_gradient(model_token_stats(
-          ref_module, frozen["ref"], {**rollout, "loss_mask": rollout["completion_mask"]},
-          chunk_size=s.chunk_size, temperature=s.rollout.scoring_temperature)["logprobs"])
+      ref_logps = frozen_logprobs(ref_module, frozen["ref"], rollout, s.rollout)
     adv, mask, metrics = advantages_and_mask(s, rewards, rollout, ref_logps)
     batch = {k: rollout[k] for k in SEQUENCE_FIELDS}
     batch.update(loss_mask=mask, advantages=adv,
@@ -285,7 +284,7 @@ def make_step(setup):
     update_time = time.perf_counter() - start - rollout_time
     rollout_flops, update_flops = iteration_flops(
         s, model.cfg, batch["prompt_input_ids"].shape[1], rewards.shape[0], not lora,
-        ref_module is not None and "ref" in frozen)
+        "ref" in frozen)
     host = completion_metrics(scoring.host_array(rollout["completion_lengths"]),
                               scoring.host_array(rollout["finished"]))
     metrics.update(jax.device_get(sampling), **reward_metrics, **host)

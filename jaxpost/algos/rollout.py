@@ -177,6 +177,16 @@ def training_layout(prompt_ids, prompt_mask, tokens, lengths, num_generations: i
           "completion_mask": (valid & (k >= prompt_len[:, None])).astype(jnp.int32)}, align
 
 
+def frozen_logprobs(module, params, rows: dict, config: RolloutConfig):
+  """log pi_frozen(y_t) [R, L] of a frozen model (a reference) on rollout rows (`input_ids`,
+  `attention_mask`, `positions`, `completion_mask`) at the rollout's scoring temperature, at
+  completion positions (0 elsewhere), without gradient."""
+  fields = {**rows, "loss_mask": rows["completion_mask"]}
+  stats = model_token_stats(module, params, fields, chunk_size=config.chunk_size,
+                            temperature=config.scoring_temperature)
+  return jax.lax.stop_gradient(stats["logprobs"])
+
+
 def logp_difference(logprobs, sampler_logprobs, completion_mask) -> dict:
   """sampling/logp_difference/{mean, max}: |logprobs - sampler_logprobs| over completion tokens
   (0 when there are none)."""

@@ -44,10 +44,10 @@ import jax
 import numpy as np
 
 from jaxpost.algos import scoring
-from jaxpost.algos.rollout import RolloutConfig, sample_rollout
+from jaxpost.algos.rollout import RolloutConfig, frozen_logprobs, sample_rollout
 from jaxpost.data import heldout
 from jaxpost.losses import kl
-from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
+from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.metrics import progress
@@ -223,9 +223,8 @@ class RolloutEvaluator:
     if self.reward_model is not None:
       out["scores"] = self.reward_model.scores(frozen["reward"], rollout.sequences())
     if "ref" in frozen:
-      ref_logps = model_token_stats(setup.ctx.modules["ref"], frozen["ref"],
-                                    rollout.sequences(), chunk_size=self.rollout.chunk_size,
-                                    temperature=self.rollout.scoring_temperature)["logprobs"]
+      rows = {**rollout.sequences(), "completion_mask": rollout.completion_mask}
+      ref_logps = frozen_logprobs(setup.ctx.modules["ref"], frozen["ref"], rows, self.rollout)
       out["kl_sum"] = (kl.k1(rollout.logprobs, ref_logps) * mask).sum()
     return out
 
