@@ -31,25 +31,21 @@ mfu/rollout, mfu/update (generation + scoring FLOPs, update FLOPs, each over its
 from __future__ import annotations
 
 import dataclasses
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxpost.algos import scoring
-from jaxpost.algos.rollout import (RolloutConfig, frozen_logprobs, logp_difference,
-                                   sample_rollout)
+from jaxpost.algos import iteration, scoring
+from jaxpost.algos.rollout import RolloutConfig, frozen_logprobs, logp_difference
 from jaxpost.losses import grpo as grpo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.models.config import forward_flops_per_token
 from jaxpost.train import sharding as sh
-from jaxpost.train.algorithms import Algorithm, applied_params, register
-from jaxpost.train.metrics import peak_flops_per_device
+from jaxpost.train.algorithms import Algorithm, register
 from jaxpost.train.step import gradient_step, scan_updates
 
-ROLLOUT_STREAM, MINIBATCH_STREAM = 0x5A, 0x5B  # fold_in tags of state.rng
+MINIBATCH_STREAM = 0x5B  # fold_in tag of state.rng (the rollout's: iteration.ROLLOUT_STREAM)
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
 LOOP_KEYS = ("num_iterations", "num_minibatches")  # section keys that are not loss keys
 
@@ -215,18 +211,6 @@ def make_iteration_update(s: Settings, setup, ref_module):
                  out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
 
 
-def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
-  """TRL's completions/* metrics from lengths [R] (tokens, EOS included) and finished [R]."""
-  lengths, finished = lengths.astype(np.float64), finished.astype(bool)
-  ended = lengths[finished] if finished.any() else np.zeros(1)
-  return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
-          "completions/max_length": lengths.max(),
-          "completions/clipped_ratio": float(1.0 - finished.mean()),
-          "completions/mean_terminated_length": ended.mean(),
-          "completions/min_terminated_length": ended.min(),
-          "completions/max_terminated_length": ended.max()}
-
-
 def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads: bool,
                     reference: bool) -> tuple[float, float]:
   """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout
@@ -245,56 +229,13 @@ def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads
 
 def make_step(setup):
   """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring)."""
-  config, mesh = setup.config, setup.mesh
-  s = settings(config)
-  model = setup.policy.model
-  ref_module = setup.ctx.modules.get("ref")
-  reward_module = setup.ctx.modules.get("reward_model")
-  scorer = scoring.Scorer(scoring.load_functions(config), reward_module,
-                          setup.policy.tokenizer, setup.loader, s.num_generations)
+  s = settings(setup.config)
   lora = "lora_base" in setup.frozen_shardings
-  peak = jax.device_count() * peak_flops_per_device(config.metrics.cpu_peak_flops)
-
-  @jax.jit
-  def sample(params, frozen, batch, rng):
-    rollout = sample_rollout(model, applied_params(params, frozen), batch, rng, s.rollout, mesh)
-    fields = {**rollout.sequences(), "completion_mask": rollout.completion_mask,
-              "sampler_logprobs": rollout.sampler_logprobs,
-              "completion_lengths": rollout.completion_lengths, "finished": rollout.finished}
-    del fields["loss_mask"]
-    if rollout.logprobs is not None:
-      fields["logprobs"] = rollout.logprobs
-    scores = (reward_module.scores(frozen["reward"], fields) if reward_module is not None
-              else None)
-    return fields, scores, rollout.metrics
-
-  update = make_iteration_update(s, setup, ref_module)
-
-  def step(state, frozen, batch):
-    start = time.perf_counter()
-    rng = jax.random.fold_in(state.rng, ROLLOUT_STREAM)
-    rollout, model_scores, sampling = sample(state.params, frozen, batch, rng)
-    rewards, reward_metrics = scorer(rollout["input_ids"], rollout["completion_mask"],
-                                     batch["row"], model_scores)
-    rollout_time = time.perf_counter() - start
-    rewards = jax.make_array_from_callback(rewards.shape, setup.batch_sharding,
-                                           lambda index: rewards[index])
-    state, metrics = update(state, frozen, rollout, rewards)
-    metrics = jax.device_get(metrics)
-    update_time = time.perf_counter() - start - rollout_time
-    rollout_flops, update_flops = iteration_flops(
-        s, model.cfg, batch["prompt_input_ids"].shape[1], rewards.shape[0], not lora,
-        "ref" in frozen)
-    host = completion_metrics(scoring.host_array(rollout["completion_lengths"]),
-                              scoring.host_array(rollout["finished"]))
-    metrics.update(jax.device_get(sampling), **reward_metrics, **host)
-    metrics.update({"time/rollout": rollout_time, "time/update": update_time,
-                    "mfu/rollout": rollout_flops / rollout_time / peak,
-                    "mfu/update": update_flops / update_time / peak,
-                    "flops": rollout_flops + update_flops})
-    return state, metrics
-
-  return step
+  reference = "ref" in setup.frozen_shardings
+  update = make_iteration_update(s, setup, setup.ctx.modules.get("ref"))
+  flops = lambda width, rows: iteration_flops(s, setup.policy.model.cfg, width, rows, not lora,
+                                              reference)
+  return iteration.make_iteration_step(setup, s.rollout, update, flops)
 
 
 # --- frozen trees ------------------------------------------------------------------------------
@@ -302,15 +243,7 @@ def make_step(setup):
 def rollout_frozen(ctx):
   """prepare_frozen: the reference (when β > 0: `ref.name_or_path` or the initial policy) and
   the reward model (`reward.model`)."""
-  s = settings(ctx.config)
-  frozen, modules = {}, {}
-  if s.beta > 0:
-    frozen["ref"], modules["ref"] = ctx.reference(ctx.config.get("ref", {}).get("name_or_path",
-                                                                                 ""))
-  params, reward_model = scoring.load_reward_model(ctx, ctx.policy.config.vocab_size)
-  if reward_model is not None:
-    frozen["reward"], modules["reward_model"] = params, reward_model
-  return frozen, modules
+  return iteration.frozen_models(ctx, reference=settings(ctx.config).beta > 0)
 
 
 def updates_per_step(config) -> int:

@@ -55,6 +55,11 @@ Contract, in the order the loop uses it:
   algorithm state that is checkpointed and restored with the train state.
 * `finalize_metrics(metrics) -> metrics` (optional) derives metrics from averaged ones (SFT adds
   perplexity = exp(loss)).
+* `members(ctx: SetupContext) -> {name: Member}` (optional): trainable models besides the
+  policy (PPO's critic "value"). `state.params` becomes {"policy": ..., name: ...}, optimised by
+  one `optax.multi_transform` (each member its own optimiser section: learning rate, clipping),
+  the member's module is `ctx.modules[name]`, and the step logs `grad_norm/<name>`. Without it
+  the trainable tree stays the policy's bare tree. With LoRA only the policy has adapters.
 
 `get(name)` raises naming the registered algorithms. "sft" registers at the bottom of this file,
 the other built-ins in the modules of `BUILTIN_MODULES` (imported on the first unknown name; the
@@ -115,13 +120,43 @@ class SetupContext:
 # frozen[LORA_BASE] holds the frozen base weights of a LoRA run; the trainable `params` are the
 # adapters (+ any module trained in full) and the model applies their union (`applied_params`).
 LORA_BASE = "lora_base"
+# With `Algorithm.members` the trainable tree is {POLICY: policy tree, <member>: its tree, ...}
+# (PPO: {"policy", "value"}); without, it is the policy's bare tree (wave-1 checkpoints load).
+POLICY = "policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+  """A trainable model besides the policy (the PPO critic): its parameters (donated to the train
+  state), the module applying them, and its optimiser section (keys of `config.optimizer`)."""
+  params: Any
+  module: Any
+  optimizer: Any
+
+
+def is_members(params) -> bool:
+  """Whether a trainable tree is the {POLICY: ..., <member>: ...} tree of several members."""
+  return isinstance(params, Mapping) and POLICY in params
+
+
+def policy_params(params):
+  """The policy's part of a trainable (or applied) tree."""
+  return params[POLICY] if is_members(params) else params
 
 
 def applied_params(params, frozen):
-  """The tree the policy model applies: `params`, or with LoRA base + adapters."""
+  """The tree the models apply: `params`, or with LoRA base + adapters (of the policy member
+  when there are several members)."""
   if LORA_BASE not in frozen:
     return params
+  if is_members(params):
+    return {**params, POLICY: lora.combine(frozen[LORA_BASE], params[POLICY])}
   return lora.combine(frozen[LORA_BASE], params)
+
+
+def applied_policy(params, frozen):
+  """The tree the policy model applies (evaluators, sampling, export)."""
+  return policy_params(applied_params(params, frozen))
 
 
 def examples(batch) -> Any:
@@ -178,6 +213,7 @@ class Algorithm:
   updates_per_step: Callable[[Any], int] = one_update
   init_extra: Callable[[Any], dict] = no_extra
   finalize_metrics: Optional[Callable[[dict], dict]] = None
+  members: Optional[Callable[[SetupContext], dict]] = None
   check_config: Optional[Callable[[Any], None]] = None
   evals: tuple = ("loss", "task")
 

@@ -186,7 +186,7 @@ class TaskEvaluator:
     del step
     if not self.task or self.policy.head != "lm":
       return {}
-    return task_accuracy(self.policy, algorithms.applied_params(params, frozen), self.task,
+    return task_accuracy(self.policy, algorithms.applied_policy(params, frozen), self.task,
                          self.spec.settings["examples"], self.spec.settings["max_new_tokens"])
 
 
@@ -214,7 +214,7 @@ class RolloutEvaluator:
   def _sample(self, params, frozen, batch, rng):
     """The rollout's host-side fields, reward-model scores and k1 sums (jitted)."""
     setup = self.setup
-    rollout = sample_rollout(setup.policy.model, algorithms.applied_params(params, frozen),
+    rollout = sample_rollout(setup.policy.model, algorithms.applied_policy(params, frozen),
                              batch, rng, self.rollout, setup.mesh)
     mask = rollout.completion_mask.astype(np.float32)
     out = {"input_ids": rollout.input_ids, "completion_mask": rollout.completion_mask,

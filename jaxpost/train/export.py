@@ -41,9 +41,9 @@ def export_trained(policy: LoadedModel, params, frozen, mesh, out_dir,
   """Writes the trained policy on process 0: HF weights (LoRA merged) or, with
   `lora.export == "peft"`, the adapters only."""
   if lora is not None and lora.export == "peft":
-    params = gather_to_host(params, mesh)
+    params = gather_to_host(algorithms.policy_params(params), mesh)
   else:
-    params = gather_to_host(algorithms.applied_params(params, frozen), mesh)
+    params = gather_to_host(algorithms.applied_policy(params, frozen), mesh)
   if jax.process_index() != 0:
     return Path(out_dir)
   return save_trained(dataclasses.replace(policy, params=params), lora, out_dir)

@@ -46,7 +46,7 @@ from jaxpost.train import sharding as sh
 from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
 from jaxpost.train.evals import Evaluations
 from jaxpost.train.metrics import MetricsWriter, train_flops
-from jaxpost.train.optim import build_optimizer
+from jaxpost.train.optim import build_optimizer, member_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import before_after
 from jaxpost.train.step import train_step
@@ -125,13 +125,16 @@ class Trainer:
     self.loader = train_loader or self._make_loader(algorithm.loader_kind, "train")
     self.config = config = self._steps_from_epochs(config)
     trainable, base = self._split_trainable()
-    self.frozen, modules = algorithm.prepare_frozen(algorithms.SetupContext(
-        config, dataclasses.replace(self.policy, params=base), load, self.lora is not None,
-        self.loader))
+    setup_ctx = algorithms.SetupContext(config, dataclasses.replace(self.policy, params=base),
+                                        load, self.lora is not None, self.loader)
+    self.frozen, modules = algorithm.prepare_frozen(setup_ctx)
     if self.lora is not None:
       self.frozen[algorithms.LORA_BASE] = base
-    tx, schedule = build_optimizer(config.optimizer,
-                                   config.max_steps * algorithm.updates_per_step(config))
+    updates = config.max_steps * algorithm.updates_per_step(config)
+    tx, schedule = build_optimizer(config.optimizer, updates)
+    if algorithm.members is not None:
+      trainable, tx, modules = self._with_members(algorithm.members(setup_ctx), trainable, tx,
+                                                  modules, updates)
     self.state, state_sh = create_train_state(trainable, tx, config.seed, mesh,
                                               algorithm.init_extra(config))
     self.policy = dataclasses.replace(self.policy, params=None)  # donated into the state
@@ -155,6 +158,17 @@ class Trainer:
     trainable, base = lora.split_trainable(self.policy.params, self.lora, rng)
     log.info(lora.describe(base, trainable))
     return trainable, base
+
+  def _with_members(self, members: dict, trainable, tx, modules: dict, updates: int):
+    """(trainable {"policy", *members}, one multi_transform optimiser, modules + the members')
+    for an algorithm with other trainable models (`Algorithm.members`)."""
+    transforms = {algorithms.POLICY: tx}
+    for name, member in members.items():
+      transforms[name] = build_optimizer(member.optimizer, updates)[0]
+      log.info("trainable member %r: learning rate %g", name, member.optimizer.learning_rate)
+    trainable = {algorithms.POLICY: trainable, **{k: m.params for k, m in members.items()}}
+    return (trainable, member_optimizer(transforms),
+            {**modules, **{k: m.module for k, m in members.items()}})
 
   def _step_setup(self, tx, schedule, state_sh) -> algorithms.StepSetup:
     """What the loop step (the algorithm's `make_step`, default: the jitted gradient step with

@@ -93,3 +93,11 @@ def build_optimizer(opt_cfg, max_steps: int):
   if opt_cfg.max_grad_norm > 0:
     core = optax.chain(optax.clip_by_global_norm(opt_cfg.max_grad_norm), core)
   return core, schedule
+
+
+def member_optimizer(transforms: dict):
+  """One optax transformation over a {member: tree} parameter dict, member k updated by
+  `transforms[k]` (its own learning rate, clipping and state): `optax.multi_transform`."""
+  def labels(params):
+    return {name: jax.tree.map(lambda _, n=name: n, tree) for name, tree in params.items()}
+  return optax.multi_transform(transforms, labels)

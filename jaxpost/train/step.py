@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxpost.train.algorithms import applied_params
+from jaxpost.train.algorithms import applied_params, is_members
 from jaxpost.train.sharding import BATCH_AXES, replicated
 from jaxpost.train.state import TrainState
 
@@ -106,6 +106,8 @@ def gradient_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_sha
     params = optax.apply_updates(state.params, updates)
     norms = {"grad_norm": grad_norm, "update_norm": optax.tree.norm(updates),
              "param_norm": optax.tree.norm(params)}
+    if is_members(grads):  # several trainable members (PPO policy + critic): each one's norm
+      norms.update({f"grad_norm/{name}": optax.tree.norm(g) for name, g in grads.items()})
     finite = jnp.isfinite(metrics["loss"])
     for norm in norms.values():
       finite &= jnp.isfinite(norm)
