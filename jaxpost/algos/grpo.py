@@ -40,7 +40,6 @@ from jaxpost.algos import iteration, scoring
 from jaxpost.algos.rollout import RolloutConfig, frozen_logprobs, logp_difference
 from jaxpost.losses import grpo as grpo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
-from jaxpost.models.config import forward_flops_per_token
 from jaxpost.train import sharding as sh
 from jaxpost.train.algorithms import Algorithm, register
 from jaxpost.train.step import gradient_step, scan_updates
@@ -213,18 +212,13 @@ def make_iteration_update(s: Settings, setup, ref_module):
 
 def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads: bool,
                     reference: bool) -> tuple[float, float]:
-  """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout
-  is the prefill of B prompts, R x N decode steps and (when it recomputes log-probs) a forward of
-  the R rows of width W = P + N; the update adds the reference forward and μ passes of forward
-  + backward over the R rows."""
-  width = prompt_width + s.rollout.max_new_tokens
-  forward = forward_flops_per_token(cfg, width) * rows * width
-  prompts = rows // s.num_generations
-  decode = forward_flops_per_token(cfg, width) * rows * s.rollout.max_new_tokens
-  prefill = forward_flops_per_token(cfg, prompt_width) * prompts * prompt_width
-  recompute = forward if s.rollout.recompute_logprobs else 0.0
+  """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout's
+  (`iteration.rollout_flops`); the update adds the reference forward and μ passes of forward +
+  backward over the R rows."""
+  forward = iteration.rows_forward_flops(cfg, prompt_width + s.rollout.max_new_tokens, rows)
   backward = (3 if weight_grads else 2) * forward * s.num_iterations
-  return prefill + decode + recompute, backward + (forward if reference else 0.0)
+  return (iteration.rollout_flops(cfg, s.rollout, prompt_width, rows),
+          backward + (forward if reference else 0.0))
 
 
 def make_step(setup):

@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxpost.algos import scoring
 from jaxpost.algos.rollout import RolloutConfig, sample_rollout
+from jaxpost.models.config import forward_flops_per_token
 from jaxpost.train.algorithms import applied_policy
 from jaxpost.train.metrics import peak_flops_per_device
 
@@ -59,6 +60,22 @@ def completion_metrics(lengths: np.ndarray, finished: np.ndarray) -> dict:
           "completions/mean_terminated_length": ended.mean(),
           "completions/min_terminated_length": ended.min(),
           "completions/max_terminated_length": ended.max()}
+
+
+def rows_forward_flops(cfg, width: int, rows: int) -> float:
+  """Model FLOPs of one forward of `rows` rows of `width` tokens."""
+  return forward_flops_per_token(cfg, width) * rows * width
+
+
+def rollout_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> float:
+  """Model FLOPs of a rollout (PaLM appendix B): the prefill of the R / G prompts of width P,
+  R x N decode steps and, when it recomputes log-probs, a forward of the R rows of width P + N."""
+  width = prompt_width + config.max_new_tokens
+  prompts = rows // config.num_generations
+  decode = forward_flops_per_token(cfg, width) * rows * config.max_new_tokens
+  prefill = rows_forward_flops(cfg, prompt_width, prompts)
+  recompute = rows_forward_flops(cfg, width, rows) if config.recompute_logprobs else 0.0
+  return prefill + decode + recompute
 
 
 def make_iteration_step(setup, rollout_config: RolloutConfig, update: Callable,

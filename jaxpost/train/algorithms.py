@@ -81,9 +81,9 @@ from jaxpost.losses import sft
 from jaxpost.models import lora
 
 LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
-# Modules registering the other built-in algorithms ("dpo", "kto", "rm", "grpo", "rloo"),
+# Modules registering the other built-in algorithms ("dpo", "kto", "rm", "grpo", "rloo", "ppo"),
 # imported on demand.
-BUILTIN_MODULES = ("jaxpost.algos.preference", "jaxpost.algos.grpo")
+BUILTIN_MODULES = ("jaxpost.algos.preference", "jaxpost.algos.grpo", "jaxpost.algos.ppo")
 
 
 @dataclasses.dataclass(frozen=True)
