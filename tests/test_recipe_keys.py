@@ -22,7 +22,7 @@ from jaxpost.train.state import load_sharded
 VARIANTS = {"sft": ("default", "lora", "tiny", "synthetic"), "rm": ("default", "tiny"),
             "dpo": ("default", "kto", "lora", "tiny"),
             "grpo": ("default", "dapo", "dr_grpo", "lora", "tiny"),
-            "rloo": ("default", "lora", "tiny")}
+            "rloo": ("default", "lora", "tiny"), "ppo": ("default", "lora", "tiny")}
 
 # Keys no run sets, and why.
 EXEMPT = {
@@ -144,6 +144,14 @@ RUNS = [
         "rloo.epsilon_high": 0.4, "rloo.num_iterations": 2, "rloo.num_minibatches": 2,
         "rloo.normalize_advantages": True, "reward.funcs": "{rewards}", "max_steps": 2,
         "ref.name_or_path": "{model}",
+        "eval_at_start": False, "report.task": ""}),
+    ("ppo_every_key", "ppo:tiny", {
+        "ppo.num_generations": 2, "ppo.num_epochs": 1, "ppo.num_minibatches": 2,
+        "ppo.gamma": 0.99, "ppo.lam": 0.9, "ppo.cliprange": 0.3, "ppo.cliprange_value": 0.3,
+        "ppo.vf_coef": 0.2, "ppo.kl_coef": 0.1, "ppo.kl_estimator": "k3", "ppo.kl_target": 1.0,
+        "ppo.kl_horizon": 100.0, "ppo.whiten_rewards": True, "ppo.missing_eos_penalty": 1.0,
+        "ppo.reward_clip": 0.75, "ppo.dual_clip": 3.0, "critic.name_or_path": "{model}",
+        "critic.optimizer.max_grad_norm": 0.5, "reward.funcs": "{rewards}", "max_steps": 2,
         "eval_at_start": False, "report.task": ""}),
 ]
 HARNESS = {"metrics.progress_bar": False}  # every run: quiet, and its own workdir
@@ -274,7 +282,18 @@ def _check_rloo_keys(out, records, workdir, stdout):
   assert first["kl"] > 1e-3 and first["grad_norm"] > 0
 
 
+def _check_ppo_keys(out, records, workdir, stdout):
+  """A random model never ends a completion: the missing-EOS penalty makes every score
+  negative, clipped at −0.75; β adapts (KL below the target: it shrinks)."""
+  first, second = train_of(records)
+  assert "rewards/short/mean" in first and first["val/num_eos_tokens"] == 0
+  assert first["objective/scores"] == pytest.approx(-0.75)
+  assert first["kl_coef"] == pytest.approx(0.1) and second["kl_coef"] < first["kl_coef"]
+  assert first["grad_norm/value"] > 0
+
+
 CHECKS = {"sft_chat_packed_epochs": _check_epochs,
+          "ppo_every_key": _check_ppo_keys,
           "grpo_every_variant_key": _check_grpo_keys,
           "rloo_every_key": _check_rloo_keys,
           "rm_save_to_disk_splits": _check_named_evaluator,
