@@ -22,6 +22,7 @@ from jaxpost.losses import ppo as ppo_math
 from jaxpost.models.config import LlamaConfig
 from jaxpost.models.llama import init_params
 from jaxpost.train import algorithms
+from jaxpost.train.export import load_trained
 from jaxpost.train.optim import build_optimizer, member_optimizer
 from jaxpost.train.validate import ConfigError
 from tests.conftest import run_on_fake_devices
@@ -85,6 +86,9 @@ def test_metrics_first_update_ratio_one_and_export(straight):
   assert abs(rows[0]["objective/kl"]) < 1e-5                # the reference is the initial policy
   lm = load_model(str(tmp / "straight" / "hf"))
   assert lm.head == "lm" and lm.config.hidden_size == 64
+  restored = load_trained(str(tmp / "straight"))  # from the {policy, value} checkpoint
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(lm.params)):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_adaptive_kl_moves_towards_the_target(straight):

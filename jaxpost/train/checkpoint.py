@@ -109,6 +109,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
     return restored["state"], restored["meta"]
 
+  def restore_as_saved(self, step: int) -> dict:
+    """The state item of `step` as saved (nested dicts of arrays, no restore target): for
+    reading one part of a state whose full shape the caller cannot rebuild."""
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+
   def restore_newest(self, abstract_state):
     """(step, state, meta) of the newest checkpoint that restores, or None without checkpoints.
     Newer ones that fail are named in a warning and moved aside (see the module docstring)."""

@@ -92,30 +92,40 @@ def run_lora(workdir) -> Optional[LoraSpec]:
 
 def load_trained(workdir, step: Optional[int] = None) -> LoadedModel:
   """The policy of a run's checkpoint (`step` or the latest) on the local devices. A LoRA
-  policy holds base + adapters (`save_trained` merges them or writes PEFT)."""
+  policy holds base + adapters (`save_trained` merges them or writes PEFT). A run with several
+  trainable members (PPO: policy + critic) gives its policy."""
   ckpt, step, config = _open(workdir, step)
   log.info("export: restoring step %d from %s", step, ckpt.directory)
-  head = algorithms.get(config.algorithm).head
+  algorithm = algorithms.get(config.algorithm)
+  head = algorithm.head
   lora = LoraSpec.from_config(config)
   mesh = sh.build_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   rules = sh.rules_of(config.mesh)
   tx, _ = build_optimizer(config.optimizer, config.max_steps)
   source = f"{config.model.name_or_path}@{step}"
+  members = algorithm.members is not None  # the other members' shapes: as saved
   if lora is None:
     cfg, model_dir = model_config(config.model, config.model.name_or_path)
     module = build_module(cfg, head)
-    extra = algorithms.get(config.algorithm).init_extra(config)
-    state, _, _ = ckpt.restore(step, abstract_train_state(module, tx, mesh, rules, extra))
+    if members:
+      trained = ckpt.restore_as_saved(step)["params"]
+    else:
+      extra = algorithm.init_extra(config)
+      trained = ckpt.restore(step, abstract_train_state(module, tx, mesh, rules, extra))[0].params
     tokenizer = load_tokenizer(model_dir) if model_dir else None
-    lm = LoadedModel(module, jax.device_get(state.params), tokenizer, cfg, head, source)
+    lm = LoadedModel(module, jax.device_get(algorithms.policy_params(trained)), tokenizer, cfg,
+                     head, source)
   else:
     with jax.set_mesh(mesh):
       policy = load_sharded(config.model, mesh, rules, head, seed=config.seed, lora=lora)
     trainable, base = lora_lib.split_trainable(policy.params, lora, jax.random.PRNGKey(0))
-    state, state_sh = create_train_state(trainable, tx, config.seed, mesh,
-                                         algorithms.get(config.algorithm).init_extra(config))
-    state, _, _ = ckpt.restore(step, abstract_like(state, state_sh))
-    params = jax.device_get(lora_lib.combine(base, state.params))
+    if members:
+      trained = ckpt.restore_as_saved(step)["params"]
+    else:
+      state, state_sh = create_train_state(trainable, tx, config.seed, mesh,
+                                           algorithm.init_extra(config))
+      trained = ckpt.restore(step, abstract_like(state, state_sh))[0].params
+    params = jax.device_get(lora_lib.combine(base, algorithms.policy_params(trained)))
     lm = dataclasses.replace(policy, params=params, source=source)
   ckpt.close()
   return lm
