@@ -22,7 +22,8 @@ from jaxpost.train.state import load_sharded
 VARIANTS = {"sft": ("default", "lora", "tiny", "synthetic"), "rm": ("default", "tiny"),
             "dpo": ("default", "kto", "lora", "tiny"),
             "grpo": ("default", "dapo", "dr_grpo", "lora", "tiny"),
-            "rloo": ("default", "lora", "tiny"), "ppo": ("default", "lora", "tiny")}
+            "rloo": ("default", "lora", "tiny"),
+            "ppo": ("default", "lora", "shared_critic", "tiny")}
 
 # Keys no run sets, and why.
 EXEMPT = {
@@ -151,7 +152,7 @@ RUNS = [
         "ppo.vf_coef": 0.2, "ppo.kl_coef": 0.1, "ppo.kl_estimator": "k3", "ppo.kl_target": 1.0,
         "ppo.kl_horizon": 100.0, "ppo.whiten_rewards": True, "ppo.missing_eos_penalty": 1.0,
         "ppo.reward_clip": 0.75, "ppo.dual_clip": 3.0, "critic.name_or_path": "{model}",
-        "critic.optimizer.max_grad_norm": 0.5, "reward.funcs": "{rewards}", "max_steps": 2,
+        "critic.share_backbone": True, "critic.optimizer.max_grad_norm": 0.5, "reward.funcs": "{rewards}", "max_steps": 2,
         "eval_at_start": False, "report.task": ""}),
 ]
 HARNESS = {"metrics.progress_bar": False}  # every run: quiet, and its own workdir
@@ -284,7 +285,15 @@ def _check_rloo_keys(out, records, workdir, stdout):
 
 def _check_ppo_keys(out, records, workdir, stdout):
   """A random model never ends a completion: the missing-EOS penalty makes every score
-  negative, clipped at −0.75; β adapts (KL below the target: it shrinks)."""
+  negative, clipped at −0.75; β adapts (KL below the target: it shrinks); the shared-backbone
+  critic is a score head alone (its checkpointed member)."""
+  from jaxpost.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(workdir), read_only=True)
+  try:
+    value = ckpt.restore_as_saved(ckpt.latest_step())["params"]["value"]
+  finally:
+    ckpt.close()
+  assert list(value) == ["score"] and value["score"]["kernel"].shape == (64, 1)
   first, second = train_of(records)
   assert "rewards/short/mean" in first and first["val/num_eos_tokens"] == 0
   assert first["objective/scores"] == pytest.approx(-0.75)

@@ -5,8 +5,11 @@ members, `state.params = {"policy": ..., "value": ...}` (`Algorithm.members`), o
 `optax.multi_transform` (the critic's optimiser is `config.optimizer` with the overrides of
 `config.critic.optimizer`) and differentiated by one backward of L_pg + vf_coef · L_v. The
 critic is a scalar-head model (`head="score"`): `critic.name_or_path`, else the reward model
-`reward.model`, else the policy's initial weights with a fresh score head. V_t, the value of the
-state before token t, is its output at position t − 1 (as TRL).
+`reward.model`, else the policy's initial weights with a fresh score head. With
+`critic.share_backbone=True` the critic is only that model's score head, read on the POLICY's
+final hidden states: one forward gives logits and values, and the value loss also trains the
+policy's trunk (the "value" member is the head alone). V_t, the value of the state before token
+t, is the critic's output at position t − 1 (as TRL).
 
 One loop step is one iteration (`algos/iteration.py`) on B prompts x G samples (G =
 `ppo.num_generations`, 1 by default):
@@ -56,7 +59,7 @@ VALUE = "value"
 MINIBATCH_STREAM = 0x5B
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
 LOOP_KEYS = ("num_epochs", "num_minibatches", "num_generations")
-CRITIC_KEYS = ("name_or_path", "optimizer")
+CRITIC_KEYS = ("name_or_path", "optimizer", "share_backbone")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Settings:
   rollout: RolloutConfig
   num_epochs: int
   num_minibatches: int
+  share_backbone: bool = False
 
   @property
   def reference(self) -> bool:
@@ -96,8 +100,10 @@ def settings(config) -> Settings:
                           max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                           top_k=ro.top_k, top_p=ro.top_p,
                           chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)))
+  critic = config.get("critic", None)
+  shared = bool(critic.get("share_backbone", False)) if critic is not None else False
   return Settings(loss, rollout, int(section.get("num_epochs", 4)),
-                  int(section.get("num_minibatches", 1)))
+                  int(section.get("num_minibatches", 1)), shared)
 
 
 def critic_optimizer(config):
@@ -139,11 +145,33 @@ def check_keys(config):
 
 # --- the critic ----------------------------------------------------------------------------------
 
+def shifted(scores):
+  """V [R, L] from per-position scores: V_t = score_{t−1} (the state before token t), V_0 = 0."""
+  return jnp.pad(scores[:, :-1], ((0, 0), (1, 0)))
+
+
 def token_values(module, params, rows: dict):
-  """V [R, L]: the critic's score at position t − 1 (the state before token t), 0 at t = 0."""
-  out = module.apply({"params": params}, rows["input_ids"], rows["attention_mask"],
-                     rows.get("positions"))
-  return jnp.pad(out[:, :-1], ((0, 0), (1, 0)))
+  """V [R, L] of a separate critic model."""
+  return shifted(module.apply({"params": params}, rows["input_ids"], rows["attention_mask"],
+                              rows.get("positions")))
+
+
+def head_values(hidden, head):
+  """V [R, L] of a shared-backbone critic: its score head {"score": {"kernel": [D, 1]}} on the
+  policy's final hidden states [R, L, D]."""
+  kernel = head["score"]["kernel"].astype(hidden.dtype)
+  return shifted(jnp.dot(hidden, kernel, preferred_element_type=jnp.float32)[..., 0])
+
+
+def rollout_values(s: Settings, policy, value_module, params, rows: dict):
+  """V_old [R, L] (no gradient) of the applied {"policy", "value"} tree on rollout rows."""
+  if s.share_backbone:
+    hidden = policy.apply({"params": params[POLICY]}, rows["input_ids"], rows["attention_mask"],
+                          rows.get("positions"), method="hidden_states")
+    values = head_values(hidden, params[VALUE])
+  else:
+    values = token_values(value_module, params[VALUE], rows)
+  return jax.lax.stop_gradient(values)
 
 
 def critic_member(ctx) -> dict:
@@ -152,16 +180,17 @@ def critic_member(ctx) -> dict:
   critic = config.get("critic", None)
   name = (critic.get("name_or_path", "") if critic is not None else "") or \
       scoring.reward_section(config).get("model", "")
-  if name:
-    loaded = ctx.load(name_or_path=name, head="score", seed=config.seed + 1)
-    if loaded.config.vocab_size != ctx.policy.config.vocab_size:
-      raise ValueError(f"critic {name!r} has a vocabulary of {loaded.config.vocab_size} tokens, "
-                       f"the policy {ctx.policy.config.vocab_size}: it reads the policy's rows")
-    params = loaded.params
-  else:  # the policy's initial trunk (a copy: the policy's params are donated) + a fresh head
-    loaded = ctx.load(head="score", seed=config.seed + 1)
-    params = {**loaded.params, "model": jax.tree.map(jnp.copy, ctx.policy.params["model"])}
-  return {VALUE: Member(params, loaded.model, critic_optimizer(config))}
+  optimizer = critic_optimizer(config)
+  loaded = ctx.load(name_or_path=name or None, head="score", seed=config.seed + 1)
+  if loaded.config.vocab_size != ctx.policy.config.vocab_size:
+    raise ValueError(f"critic {name!r} has a vocabulary of {loaded.config.vocab_size} tokens, "
+                     f"the policy {ctx.policy.config.vocab_size}: it reads the policy's rows")
+  if settings(config).share_backbone:  # the head alone, on the policy's trunk
+    return {VALUE: Member({"score": loaded.params["score"]}, None, optimizer)}
+  params = loaded.params
+  if not name:  # the policy's initial trunk (a copy: the policy's params are donated)
+    params = {**params, "model": jax.tree.map(jnp.copy, ctx.policy.params["model"])}
+  return {VALUE: Member(params, loaded.model, optimizer)}
 
 
 # --- the loss of one microbatch ------------------------------------------------------------------
@@ -171,8 +200,12 @@ def rollout_loss(s: Settings, params, frozen, batch, rng, ctx):
   del frozen
   stats = model_token_stats(ctx.model, params[POLICY], batch, chunk_size=s.rollout.chunk_size,
                             temperature=s.rollout.scoring_temperature,
-                            dropout_rng=rng if ctx.training else None)
-  values = token_values(ctx.modules[VALUE], params[VALUE], batch)
+                            dropout_rng=rng if ctx.training else None,
+                            return_hidden=s.share_backbone)
+  if s.share_backbone:  # one forward: logits and values from the same hidden states
+    values = head_values(stats["hidden"], params[VALUE])
+  else:
+    values = token_values(ctx.modules[VALUE], params[VALUE], batch)
   return ppo_math.ppo_loss(s.loss, stats["logprobs"], values, batch, stats["entropy"])
 
 
@@ -215,15 +248,15 @@ def make_iteration_update(s: Settings, setup):
   """update(state, frozen, rollout fields, scores) -> (state, metrics), jitted, state donated."""
   update = gradient_step(setup.algorithm, setup.ctx, setup.tx, setup.schedule,
                          setup.config.grad_accum, setup.mesh, setup.state_shardings.params)
-  ref_module, value_module = setup.ctx.modules.get("ref"), setup.ctx.modules[VALUE]
+  ref_module, value_module = setup.ctx.modules.get("ref"), setup.ctx.modules.get(VALUE)
   controller = s.loss.controller()
 
   def iteration(state, frozen, rollout, scores):
     ref_logps = None
     if "ref" in frozen:
       ref_logps = frozen_logprobs(ref_module, frozen["ref"], rollout, s.rollout)
-    critic = applied_params(state.params, frozen)[VALUE]
-    values = jax.lax.stop_gradient(token_values(value_module, critic, rollout))
+    values = rollout_values(s, setup.ctx.model, value_module, applied_params(state.params, frozen),
+                            rollout)
     kl_coef = state.extra["kl_coef"]
     batch, metrics = advantages(s, kl_coef, scores, rollout, ref_logps, values)
     rng = jax.random.fold_in(state.rng, MINIBATCH_STREAM)
@@ -242,11 +275,13 @@ def make_iteration_update(s: Settings, setup):
 def iteration_flops(s: Settings, cfg, critic_cfg, prompt_width: int, rows: int,
                     weight_grads: bool, reference: bool) -> tuple[float, float]:
   """(rollout FLOPs, update FLOPs): the rollout's (`iteration.rollout_flops`); the update adds
-  the reference and critic forwards, then num_epochs passes of forward + backward of both."""
+  the reference and critic forwards (a shared-backbone critic, `critic_cfg` None: a policy
+  trunk forward), then num_epochs passes of forward + backward of both (of the policy only)."""
   width = prompt_width + s.rollout.max_new_tokens
   policy = iteration.rows_forward_flops(cfg, width, rows)
-  critic = iteration.rows_forward_flops(critic_cfg, width, rows)
+  critic = iteration.rows_forward_flops(critic_cfg, width, rows) if critic_cfg else 0.0
   passes = s.num_epochs * ((3 if weight_grads else 2) * policy + 3 * critic)
+  critic = critic or policy  # the values' forward
   return (iteration.rollout_flops(cfg, s.rollout, prompt_width, rows),
           passes + critic + (policy if reference else 0.0))
 
@@ -256,7 +291,7 @@ def make_step(setup):
   s = settings(setup.config)
   lora = "lora_base" in setup.frozen_shardings
   reference = "ref" in setup.frozen_shardings
-  critic_cfg = setup.ctx.modules[VALUE].cfg
+  critic_cfg = None if s.share_backbone else setup.ctx.modules[VALUE].cfg
   flops = lambda width, rows: iteration_flops(s, setup.policy.model.cfg, critic_cfg, width, rows,
                                               not lora, reference)
   return iteration.make_iteration_step(setup, s.rollout, make_iteration_update(s, setup), flops)

@@ -5,6 +5,7 @@ jaxpost/algos/ppo.py).
     python scripts/train.py --config=configs/ppo.py --config.reward.model=runs/rm/hf \\
         --config.reward.funcs=""                                  # against a reward model
     python scripts/train.py --config=configs/ppo.py:lora          # LoRA policy, full critic
+    python scripts/train.py --config=configs/ppo.py:shared_critic # value head on the policy trunk
     python scripts/train.py --config=configs/ppo.py:tiny          # tiny random model (CI)
 
 One sample per prompt (ppo.num_generations = 1, as TRL's PPOTrainer), a per-token reward of
@@ -39,13 +40,15 @@ KEYS = {
     "ppo.reward_clip": "None or clip the (penalised) score to ± this",
     "ppo.dual_clip": "None or the dual-clip constant c > 1 for negative advantages",
     "critic.name_or_path": '"" = reward.model if set, else the policy with a fresh score head',
+    "critic.share_backbone": "True: the critic is a score head on the policy's trunk (one "
+                             "forward for logits and values; the value loss trains the trunk too)",
     "critic.optimizer.learning_rate": "the critic's learning rate (config.optimizer otherwise)",
     "critic.optimizer.max_grad_norm": "the critic's gradient clipping (0: off)",
     **grpo.ROLLOUT_KEYS,
 }
 __doc__ += doc_block(KEYS, "Keys added to configs/base.py")
 
-VARIANTS = ("default", "lora", "tiny")
+VARIANTS = ("default", "lora", "shared_critic", "tiny")
 
 
 def get_config(arg=None):
@@ -58,14 +61,17 @@ def get_config(arg=None):
       "kl_estimator": "k1", "kl_horizon": 10000.0, "whiten_rewards": False})
   for key in ("kl_target", "missing_eos_penalty", "reward_clip", "dual_clip"):
     c.ppo[key] = ml_collections.FieldReference(None, field_type=float)
-  c.critic = ml_collections.ConfigDict({"name_or_path": "", "optimizer": {
-      "learning_rate": 3e-5, "max_grad_norm": 1.0}})
+  c.critic = ml_collections.ConfigDict({"name_or_path": "", "share_backbone": False})
+  c.critic.optimizer = ml_collections.ConfigDict({"learning_rate": 3e-5, "max_grad_norm": 1.0})
   grpo.rollout_keys(c)
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"configs/ppo.py: unknown variant {variant!r}; choose one of {VARIANTS}")
   if variant == "lora":
     sft.lora(c, learning_rate=2e-5)
+  if variant == "shared_critic":
+    c.workdir = "runs/ppo_shared_critic"
+    c.critic.share_backbone = True
   if variant == "tiny":
     grpo.tiny(c, "ppo")
     c.ppo.num_epochs = 2

@@ -166,13 +166,16 @@ def sequence_logprobs(token_lp, loss_mask, average: bool = False):
 def model_token_stats(model, params, batch: dict, prefix: str = "",
                       chunk_size: int = DEFAULT_CHUNK_SIZE,
                       embed_hook: Optional[Callable] = None, dropout_rng=None,
-                      targets_only: bool = True, temperature: float = 1.0) -> dict:
+                      targets_only: bool = True, temperature: float = 1.0,
+                      return_hidden: bool = False) -> dict:
   """`token_stats` of a causal LM on the batch fields `{prefix}input_ids`, `..attention_mask`,
   `..positions`, `..segment_ids`. With `targets_only` and a `{prefix}loss_mask` field, stats are
   computed only at its trainable targets (0 elsewhere); `targets_only=False` (or no loss_mask)
   computes every position. `embed_hook(embeddings) -> embeddings` rewrites the token
   embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag.
-  `dropout_rng` (training only) drives LoRA adapter dropout. `temperature`: see `token_stats`."""
+  `dropout_rng` (training only) drives LoRA adapter dropout. `temperature`: see `token_stats`.
+  `return_hidden` adds the final hidden states [B, T, D] as "hidden" (a value head on the same
+  forward: PPO's shared-backbone critic)."""
   ids = batch[prefix + "input_ids"]
   args = (ids, batch[prefix + "attention_mask"], batch.get(prefix + "positions"),
           batch.get(prefix + "segment_ids"))
@@ -180,8 +183,9 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     hidden = model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
   mask = batch.get(prefix + "loss_mask") if targets_only else None
-  return token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size, mask,
-                     temperature=temperature)
+  stats = token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size, mask,
+                      temperature=temperature)
+  return {**stats, "hidden": hidden} if return_hidden else stats
 
 
 @contextlib.contextmanager

@@ -128,7 +128,8 @@ POLICY = "policy"
 @dataclasses.dataclass(frozen=True)
 class Member:
   """A trainable model besides the policy (the PPO critic): its parameters (donated to the train
-  state), the module applying them, and its optimiser section (keys of `config.optimizer`)."""
+  state), the module applying them (None when the algorithm applies them itself, e.g. a head on
+  the policy's trunk), and its optimiser section (keys of `config.optimizer`)."""
   params: Any
   module: Any
   optimizer: Any
