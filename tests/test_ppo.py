@@ -187,13 +187,13 @@ def test_ppo_gradient_is_reinforce_with_whitened_advantages():
   from jaxpost.losses.logprobs import model_token_stats
   logps = lambda p: model_token_stats(policy, p, {**rows, "loss_mask": completion},
                                       temperature=s.rollout.scoring_temperature)["logprobs"]
-  rows["logprobs"] = logps(params["policy"])
-  values = ppo.token_values(critic, params["value"], rows)
+  rows["logprobs"] = jax.jit(logps)(params["policy"])  # jitted: eager Flax dispatch is slow
+  values = jax.jit(lambda p: ppo.token_values(critic, p, rows))(params["value"])
   batch, _ = ppo.advantages(s, 0.0, jnp.asarray([1.0, -2.0, 0.5, 3.0]), rows, None, values)
-  grads = jax.grad(lambda p: ppo.rollout_loss(s, p, {}, batch, None, ctx)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: ppo.rollout_loss(s, p, {}, batch, None, ctx)[0]))(params)
   mask = completion.astype(jnp.float32)
-  reinforce = jax.grad(lambda p: -jnp.sum(batch["advantages"] * logps(p) * mask)
-                       / jnp.sum(mask))(params["policy"])
+  reinforce = jax.jit(jax.grad(lambda p: -jnp.sum(batch["advantages"] * logps(p) * mask)
+                               / jnp.sum(mask)))(params["policy"])
   for a, b in zip(jax.tree.leaves(grads["policy"]), jax.tree.leaves(reinforce)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["value"]))
