@@ -44,7 +44,6 @@ from jaxpost.train import sharding as sh
 from jaxpost.train.algorithms import Algorithm, register
 from jaxpost.train.step import gradient_step, scan_updates
 
-MINIBATCH_STREAM = 0x5B  # fold_in tag of state.rng (the rollout's: iteration.ROLLOUT_STREAM)
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
 LOOP_KEYS = ("num_iterations", "num_minibatches")  # section keys that are not loss keys
 
@@ -199,7 +198,7 @@ def make_iteration_update(s: Settings, setup, ref_module):
       batch["sampler_logps"] = rollout["sampler_logprobs"]
     if ref_logps is not None and s.family == "grpo":
       batch["ref_logps"] = ref_logps
-    rng = jax.random.fold_in(state.rng, MINIBATCH_STREAM)
+    rng = jax.random.fold_in(state.rng, iteration.MINIBATCH_STREAM)
     state, update_metrics = scan_updates(update, state, frozen, batch, s.num_iterations,
                                          s.num_minibatches, setup.mesh, rng)
     return state, {**update_metrics, **metrics}

@@ -27,7 +27,7 @@ from jaxpost.models.config import forward_flops_per_token
 from jaxpost.train.algorithms import applied_policy
 from jaxpost.train.metrics import peak_flops_per_device
 
-ROLLOUT_STREAM = 0x5A  # fold_in tag of state.rng for the sampling key
+ROLLOUT_STREAM, MINIBATCH_STREAM = 0x5A, 0x5B  # fold_in tags of state.rng: sampling, minibatches
 
 
 def make_sampler(model, reward_module, config: RolloutConfig, mesh):

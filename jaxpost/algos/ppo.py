@@ -51,12 +51,11 @@ from jaxpost.algos.rollout import RolloutConfig, frozen_logprobs
 from jaxpost.losses import ppo as ppo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.train import sharding as sh
-from jaxpost.train.algorithms import (POLICY, Algorithm, Member, applied_params, register)
+from jaxpost.train.algorithms import POLICY, Algorithm, Member, applied_params, register
 from jaxpost.train.optim import check_optimizer_config
 from jaxpost.train.step import gradient_step, scan_updates
 
 VALUE = "value"
-MINIBATCH_STREAM = 0x5B
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
 LOOP_KEYS = ("num_epochs", "num_minibatches", "num_generations")
 CRITIC_KEYS = ("name_or_path", "optimizer", "share_backbone")
@@ -259,7 +258,7 @@ def make_iteration_update(s: Settings, setup):
                             rollout)
     kl_coef = state.extra["kl_coef"]
     batch, metrics = advantages(s, kl_coef, scores, rollout, ref_logps, values)
-    rng = jax.random.fold_in(state.rng, MINIBATCH_STREAM)
+    rng = jax.random.fold_in(state.rng, iteration.MINIBATCH_STREAM)
     state, update_metrics = scan_updates(update, state, frozen, batch, s.num_epochs,
                                          s.num_minibatches, setup.mesh, rng)
     next_coef = controller.update(kl_coef, metrics["objective/kl"], scores.shape[0])
