@@ -152,7 +152,8 @@ RUNS = [
         "ppo.vf_coef": 0.2, "ppo.kl_coef": 0.1, "ppo.kl_estimator": "k3", "ppo.kl_target": 1.0,
         "ppo.kl_horizon": 100.0, "ppo.whiten_rewards": True, "ppo.missing_eos_penalty": 1.0,
         "ppo.reward_clip": 0.75, "ppo.dual_clip": 3.0, "critic.name_or_path": "{model}",
-        "critic.share_backbone": True, "critic.optimizer.max_grad_norm": 0.5, "reward.funcs": "{rewards}", "max_steps": 2,
+        "critic.share_backbone": True, "critic.warmup_steps": 1,
+        "critic.optimizer.max_grad_norm": 0.5, "reward.funcs": "{rewards}", "max_steps": 2,
         "eval_at_start": False, "report.task": ""}),
 ]
 HARNESS = {"metrics.progress_bar": False}  # every run: quiet, and its own workdir
@@ -286,7 +287,8 @@ def _check_rloo_keys(out, records, workdir, stdout):
 def _check_ppo_keys(out, records, workdir, stdout):
   """A random model never ends a completion: the missing-EOS penalty makes every score
   negative, clipped at −0.75; β adapts (KL below the target: it shrinks); the shared-backbone
-  critic is a score head alone (its checkpointed member)."""
+  critic is a score head alone (its checkpointed member); the first iteration is the critic's
+  warm-up: the loss is its value term alone."""
   from jaxpost.train.checkpoint import Checkpointer
   ckpt = Checkpointer(str(workdir), read_only=True)
   try:
@@ -299,6 +301,9 @@ def _check_ppo_keys(out, records, workdir, stdout):
   assert first["objective/scores"] == pytest.approx(-0.75)
   assert first["kl_coef"] == pytest.approx(0.1) and second["kl_coef"] < first["kl_coef"]
   assert first["grad_norm/value"] > 0
+  assert first["loss"] == pytest.approx(0.2 * first["loss/value_avg"], rel=1e-5)
+  assert second["loss"] == pytest.approx(second["loss/policy_avg"]
+                                         + 0.2 * second["loss/value_avg"], rel=1e-5)
 
 
 CHECKS = {"sft_chat_packed_epochs": _check_epochs,

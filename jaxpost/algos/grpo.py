@@ -184,7 +184,7 @@ def make_iteration_update(s: Settings, setup, ref_module):
                          setup.mesh, setup.state_shardings.params)
   dapo = s.family == "grpo" and s.loss.loss_type == "dapo"
 
-  def iteration(state, frozen, rollout, rewards):
+  def one_iteration(state, frozen, rollout, rewards):
     ref_logps = None
     if "ref" in frozen:
       ref_logps = frozen_logprobs(ref_module, frozen["ref"], rollout, s.rollout)
@@ -204,7 +204,7 @@ def make_iteration_update(s: Settings, setup, ref_module):
     return state, {**update_metrics, **metrics}
 
   rep = sh.replicated(setup.mesh)
-  return jax.jit(iteration, in_shardings=(setup.state_shardings, setup.frozen_shardings,
+  return jax.jit(one_iteration, in_shardings=(setup.state_shardings, setup.frozen_shardings,
                                           setup.batch_sharding, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
 

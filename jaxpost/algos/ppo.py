@@ -8,7 +8,9 @@ critic is a scalar-head model (`head="score"`): `critic.name_or_path`, else the 
 `reward.model`, else the policy's initial weights with a fresh score head. With
 `critic.share_backbone=True` the critic is only that model's score head, read on the POLICY's
 final hidden states: one forward gives logits and values, and the value loss also trains the
-policy's trunk (the "value" member is the head alone). V_t, the value of the state before token
+policy's trunk (the "value" member is the head alone). `critic.warmup_steps` first iterations
+train the critic alone (the policy term weighs 0; with a shared backbone the value loss still
+moves the trunk). V_t, the value of the state before token
 t, is the critic's output at position t − 1 (as TRL).
 
 One loop step is one iteration (`algos/iteration.py`) on B prompts x G samples (G =
@@ -58,7 +60,7 @@ from jaxpost.train.step import gradient_step, scan_updates
 VALUE = "value"
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
 LOOP_KEYS = ("num_epochs", "num_minibatches", "num_generations")
-CRITIC_KEYS = ("name_or_path", "optimizer", "share_backbone")
+CRITIC_KEYS = ("name_or_path", "optimizer", "share_backbone", "warmup_steps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Settings:
   num_epochs: int
   num_minibatches: int
   share_backbone: bool = False
+  critic_warmup: int = 0  # first iterations that train the critic alone (policy term off)
 
   @property
   def reference(self) -> bool:
@@ -99,10 +102,13 @@ def settings(config) -> Settings:
                           max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                           top_k=ro.top_k, top_p=ro.top_p,
                           chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)))
-  critic = config.get("critic", None)
-  shared = bool(critic.get("share_backbone", False)) if critic is not None else False
+  critic = (config.get("critic", None) or {})
+  warmup = int(critic.get("warmup_steps", 0))
+  if warmup < 0:
+    raise ValueError(f"config.critic.warmup_steps must be >= 0, got {warmup}")
   return Settings(loss, rollout, int(section.get("num_epochs", 4)),
-                  int(section.get("num_minibatches", 1)), shared)
+                  int(section.get("num_minibatches", 1)),
+                  bool(critic.get("share_backbone", False)), warmup)
 
 
 def critic_optimizer(config):
@@ -205,7 +211,8 @@ def rollout_loss(s: Settings, params, frozen, batch, rng, ctx):
     values = head_values(stats["hidden"], params[VALUE])
   else:
     values = token_values(ctx.modules[VALUE], params[VALUE], batch)
-  return ppo_math.ppo_loss(s.loss, stats["logprobs"], values, batch, stats["entropy"])
+  weight = jnp.mean(batch["policy_weight"]) if "policy_weight" in batch else 1.0
+  return ppo_math.ppo_loss(s.loss, stats["logprobs"], values, batch, stats["entropy"], weight)
 
 
 def batch_loss(params, frozen, batch, rng, ctx):
@@ -250,7 +257,7 @@ def make_iteration_update(s: Settings, setup):
   ref_module, value_module = setup.ctx.modules.get("ref"), setup.ctx.modules.get(VALUE)
   controller = s.loss.controller()
 
-  def iteration(state, frozen, rollout, scores):
+  def one_iteration(state, frozen, rollout, scores):
     ref_logps = None
     if "ref" in frozen:
       ref_logps = frozen_logprobs(ref_module, frozen["ref"], rollout, s.rollout)
@@ -258,6 +265,8 @@ def make_iteration_update(s: Settings, setup):
                             rollout)
     kl_coef = state.extra["kl_coef"]
     batch, metrics = advantages(s, kl_coef, scores, rollout, ref_logps, values)
+    warming = state.step // (s.num_epochs * s.num_minibatches) < s.critic_warmup
+    batch["policy_weight"] = jnp.full(scores.shape, jnp.where(warming, 0.0, 1.0), jnp.float32)
     rng = jax.random.fold_in(state.rng, iteration.MINIBATCH_STREAM)
     state, update_metrics = scan_updates(update, state, frozen, batch, s.num_epochs,
                                          s.num_minibatches, setup.mesh, rng)
@@ -266,7 +275,7 @@ def make_iteration_update(s: Settings, setup):
     return state, {**update_metrics, **metrics}
 
   rep = sh.replicated(setup.mesh)
-  return jax.jit(iteration, in_shardings=(setup.state_shardings, setup.frozen_shardings,
+  return jax.jit(one_iteration, in_shardings=(setup.state_shardings, setup.frozen_shardings,
                                           setup.batch_sharding, setup.batch_sharding),
                  out_shardings=(setup.state_shardings, rep), donate_argnums=(0,))
 

@@ -42,6 +42,7 @@ KEYS = {
     "critic.name_or_path": '"" = reward.model if set, else the policy with a fresh score head',
     "critic.share_backbone": "True: the critic is a score head on the policy's trunk (one "
                              "forward for logits and values; the value loss trains the trunk too)",
+    "critic.warmup_steps": "first iterations that train the critic alone (policy term off)",
     "critic.optimizer.learning_rate": "the critic's learning rate (config.optimizer otherwise)",
     "critic.optimizer.max_grad_norm": "the critic's gradient clipping (0: off)",
     **grpo.ROLLOUT_KEYS,
@@ -61,7 +62,8 @@ def get_config(arg=None):
       "kl_estimator": "k1", "kl_horizon": 10000.0, "whiten_rewards": False})
   for key in ("kl_target", "missing_eos_penalty", "reward_clip", "dual_clip"):
     c.ppo[key] = ml_collections.FieldReference(None, field_type=float)
-  c.critic = ml_collections.ConfigDict({"name_or_path": "", "share_backbone": False})
+  c.critic = ml_collections.ConfigDict({"name_or_path": "", "share_backbone": False,
+                                        "warmup_steps": 0})
   c.critic.optimizer = ml_collections.ConfigDict({"learning_rate": 3e-5, "max_grad_norm": 1.0})
   grpo.rollout_keys(c)
   variant = arg or "default"

@@ -216,10 +216,11 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float):
       "val/clipfrac_avg": masked_mean((loss_clipped > loss_unclipped).astype(jnp.float32), mask)}
 
 
-def ppo_loss(cfg: PPOConfig, logps, values, batch, entropy=None):
-  """(L_pg + vf_coef · L_v, metrics) of one microbatch: `batch` holds `old_logps`,
+def ppo_loss(cfg: PPOConfig, logps, values, batch, entropy=None, policy_weight=1.0):
+  """(w · L_pg + vf_coef · L_v, metrics) of one microbatch: `batch` holds `old_logps`,
   `advantages`, `old_values`, `returns`, `loss_mask` [R, T]; `entropy` [R, T] is logged
-  (policy/entropy_avg), without gradient."""
+  (policy/entropy_avg), without gradient; `policy_weight` w (may be traced) is 0 while only the
+  critic trains (a critic warm-up)."""
   mask = batch["loss_mask"]
   pg, metrics = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.cliprange,
                             cfg.dual_clip)
@@ -228,4 +229,4 @@ def ppo_loss(cfg: PPOConfig, logps, values, batch, entropy=None):
   metrics.update(value_metrics)
   if entropy is not None:
     metrics["policy/entropy_avg"] = masked_mean(entropy, mask)
-  return pg + cfg.vf_coef * vf, metrics
+  return policy_weight * pg + cfg.vf_coef * vf, metrics
