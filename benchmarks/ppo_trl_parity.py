@@ -18,9 +18,10 @@ for both, so the score sits at the EOS itself and V = 0 after it; see algos/ppo.
 
 TRL's side runs in float64 (its k3 as exp(Δ) − 1 − Δ loses digits in float32 for small Δ;
 jaxpost uses expm1), jaxpost's in float32; each value's difference is max |ours − TRL| over the
-max |TRL| of that tensor. Cases: k1 and k3, whiten_rewards off and on, γ = 1 / λ = 0.95 (TRL's defaults) and γ = 0.9 /
-λ = 0.8, rows ending with EOS at varied lengths and rows truncated at the full length. Prints a
-table and writes benchmarks/results/ppo_trl_parity.md; exits 1 when any difference exceeds 1e-5.
+max |TRL| of that tensor. Cases: k1 and k3, whiten_rewards off and on, (γ, λ) = (1, 0.95) (TRL's
+defaults) and (0.9, 0.8), rows ending with EOS at varied lengths and rows truncated at the full
+length. Prints a table and writes benchmarks/results/ppo_trl_parity.md; exits 1 when any
+difference exceeds 1e-5.
 """
 
 from __future__ import annotations

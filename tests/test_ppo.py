@@ -46,7 +46,8 @@ def tiny_config(tmp_path, name="run", **overrides):
   data.write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
   c = jaxpost.configs.get("ppo:tiny")
   c.update_from_flattened_dict({
-      "workdir": str(tmp_path / name), "reward.funcs": f"{tmp_path / 'ppo_rewards.py'}:prompt_reward",
+      "workdir": str(tmp_path / name),
+      "reward.funcs": f"{tmp_path / 'ppo_rewards.py'}:prompt_reward",
       "data.train": str(data), "data.task_kind": None, "metrics.progress_bar": False,
       "metrics.tensorboard": False, "eval_at_start": False, "report.task": "",
       "checkpoint.async_save": False, "ppo.num_epochs": 1, "ppo.kl_target": KL_TARGET,

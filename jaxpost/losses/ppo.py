@@ -30,7 +30,7 @@ Clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithm
 optional dual clip c > 1 (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep
 Reinforcement Learning"), masked token mean:
 
-    l_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε)),   for A_t < 0 with dual clip: min(l_t, −c A_t)
+    l_t = max(−A_t ρ_t, −A_t clip(ρ_t, 1 − ε, 1 + ε)),  with dual clip for A_t < 0: min(l_t, −c A_t)
 
 Clipped value loss (as in OpenAI's baselines and TRL), V_clip = clip(V, V_old − ε_v, V_old + ε_v):
 
@@ -184,7 +184,7 @@ def gae(rewards, values, mask, gamma: float, lam: float):
   return adv, (adv + values) * mask
 
 
-# --- the losses ------------------------------------------------------------------------------------
+# --- the losses ----------------------------------------------------------------------------------
 
 def policy_loss(logps, old_logps, advantages, mask, cliprange: float,
                 dual_clip: Optional[float] = None):
