@@ -10,7 +10,7 @@ documents the keys every recipe shares.
 
 import importlib
 
-RECIPES = ("sft", "rm", "dpo", "grpo", "rloo")
+RECIPES = ("sft", "rm", "dpo", "grpo", "rloo", "distill")
 
 
 def get(name: str):

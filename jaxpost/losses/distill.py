@@ -114,7 +114,8 @@ def reverse_kl(student_logits, teacher_logits, temperature: float = 1.0):
 def token_losses(cfg: DistillConfig, student_logits, teacher_logits, targets) -> dict:
   """Per-position terms of the training loss from logits [..., V] and data tokens [...]:
   `loss` = (1 − w) `divergence` + w `nll` (the divergence with its τ² factor when on, the NLL
-  at τ = 1), and the student's argmax accuracy `correct` (no gradient)."""
+  at τ = 1), and, without gradient, the student's argmax accuracy `correct` and `forward_kl` =
+  KL(p_T ‖ p_S) at τ = 1 without truncation (what "held-out KL to the teacher" reports)."""
   student_logits = student_logits.astype(jnp.float32)
   teacher_logp = jax.lax.stop_gradient(log_softmax(teacher_logits, cfg.temperature, cfg.top_k))
   div = divergence(log_softmax(student_logits, cfg.temperature), teacher_logp, cfg.beta)
@@ -122,9 +123,11 @@ def token_losses(cfg: DistillConfig, student_logits, teacher_logits, targets) ->
     div = div * cfg.temperature ** 2
   nll = -jnp.take_along_axis(jax.nn.log_softmax(student_logits, axis=-1), targets[..., None],
                              axis=-1)[..., 0]
-  correct = jnp.argmax(jax.lax.stop_gradient(student_logits), axis=-1) == targets
+  student_ng = jax.lax.stop_gradient(student_logits)
+  correct = jnp.argmax(student_ng, axis=-1) == targets
+  forward = _kl(jax.lax.stop_gradient(log_softmax(teacher_logits)), log_softmax(student_ng))
   return {"loss": (1.0 - cfg.hard_weight) * div + cfg.hard_weight * nll, "divergence": div,
-          "nll": nll, "correct": correct.astype(jnp.float32)}
+          "nll": nll, "correct": correct.astype(jnp.float32), "forward_kl": forward}
 
 
 def _chunk_losses(cfg: DistillConfig, h, kernel, ids, context, consts):
@@ -151,8 +154,9 @@ def chunked_token_losses(cfg: DistillConfig, hidden, kernel, teacher_hidden, tea
 
 
 def masked_token_mean(losses: dict, mask) -> tuple:
-  """(mean `loss` over the mask's tokens, metrics: mean divergence, nll, token accuracy)."""
+  """(mean `loss` over the mask's tokens, metrics: the means of the other terms)."""
   mean = lambda v: masked_mean(v, mask)
   return mean(losses["loss"]), {"distill/divergence": mean(losses["divergence"]),
                                 "distill/nll": mean(losses["nll"]),
+                                "distill/forward_kl": mean(losses["forward_kl"]),
                                 "mean_token_accuracy": mean(losses["correct"])}

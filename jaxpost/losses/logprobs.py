@@ -214,15 +214,22 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
   computes every position. `embed_hook(embeddings) -> embeddings` rewrites the token
   embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag.
   `dropout_rng` (training only) drives LoRA adapter dropout. `temperature`: see `token_stats`."""
-  ids = batch[prefix + "input_ids"]
-  args = (ids, batch[prefix + "attention_mask"], batch.get(prefix + "positions"),
-          batch.get(prefix + "segment_ids"))
+  hidden = model_hidden_states(model, params, batch, prefix, embed_hook, dropout_rng)
+  mask = batch.get(prefix + "loss_mask") if targets_only else None
+  return token_stats(hidden, output_kernel(params, model.cfg), batch[prefix + "input_ids"],
+                     chunk_size, mask, temperature=temperature)
+
+
+def model_hidden_states(model, params, batch: dict, prefix: str = "",
+                        embed_hook: Optional[Callable] = None, dropout_rng=None):
+  """The final normed hidden states [B, T, D] of a causal LM on the batch fields
+  `{prefix}input_ids`, `..attention_mask`, `..positions`, `..segment_ids` (`embed_hook`,
+  `dropout_rng`: see `model_token_stats`)."""
+  args = (batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+          batch.get(prefix + "positions"), batch.get(prefix + "segment_ids"))
   with _intercept_embeddings(embed_hook):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    hidden = model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
-  mask = batch.get(prefix + "loss_mask") if targets_only else None
-  return token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size, mask,
-                     temperature=temperature)
+    return model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
 
 
 @contextlib.contextmanager
