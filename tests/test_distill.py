@@ -137,3 +137,23 @@ def test_mismatched_vocabulary_or_tokenizer_fails_before_loading(teacher_dir, tm
   c = tiny_run("distill", teacher_dir, tmp_path / "r4", **{"distill.lmbda": 0.5})
   with pytest.raises(ConfigError, match="config.algorithm='gkd'"):
     jaxpost.train(c)
+
+
+def test_teacher_is_frozen_in_the_compute_dtype():
+  import types
+
+  import jax.numpy as jnp
+  from jaxpost.hf import LoadedModel
+  from jaxpost.models.config import LlamaConfig
+  from jaxpost.models.llama import LlamaForCausalLM, init_params
+  cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, dtype="bfloat16")
+  module = LlamaForCausalLM(cfg)
+  params = init_params(LlamaForCausalLM(cfg.replace(dtype="float32")), jax.random.PRNGKey(0))
+  loaded = LoadedModel(module, params, None, cfg)
+  config = configs.get("distill:tiny")
+  ctx = types.SimpleNamespace(config=config, load=lambda **kw: loaded)
+  frozen, modules = distill.teacher_frozen(ctx)
+  assert modules["teacher"] is module
+  dtypes = {x.dtype for x in jax.tree.leaves(frozen["teacher"])}
+  assert dtypes == {jnp.dtype("bfloat16")}
