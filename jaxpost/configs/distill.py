@@ -2,7 +2,7 @@
 glue in jaxpost/algos/distill.py).
 
     python scripts/train.py --config=configs/distill.py          # SmolLM2-135M -> its 15 layers
-    python scripts/train.py --config=configs/distill.py:gkd      # on-policy GKD (lmbda 0.5, JSD 0.5)
+    python scripts/train.py --config=configs/distill.py:gkd      # on-policy GKD, JSD beta 0.5
     python scripts/train.py --config=configs/distill.py:seq_kd   # trains on the teacher's samples
     python scripts/train.py --config=configs/distill.py:tiny     # tiny random student (CI)
 

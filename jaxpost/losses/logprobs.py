@@ -122,8 +122,8 @@ _live_chunks.defvjp(_live_chunks_fwd, _live_chunks_bwd)
 
 
 def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None, groups: Optional[int] = None, context: Optional[dict] = None,
-                 consts: Optional[dict] = None) -> dict:
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None, groups: Optional[int] = None,
+                 context: Optional[dict] = None, consts: Optional[dict] = None) -> dict:
   """`chunk_fn(h, kernel, ids, context, consts) -> {name: [G, C] fp32}` at every wanted position
   t >= 1 of the batch, chunk by chunk (module docstring), as {name: [B, T]} with 0 elsewhere.
 
