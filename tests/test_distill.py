@@ -137,6 +137,9 @@ def test_mismatched_vocabulary_or_tokenizer_fails_before_loading(teacher_dir, tm
   c = tiny_run("distill", teacher_dir, tmp_path / "r4", **{"distill.lmbda": 0.5})
   with pytest.raises(ConfigError, match="config.algorithm='gkd'"):
     jaxpost.train(c)
+  c = tiny_run("gkd", teacher_dir, tmp_path / "r5", **{"data.train_on": "all"})
+  with pytest.raises(ConfigError, match="config.data.train_on='all'"):
+    jaxpost.train(c)
 
 
 def test_teacher_is_frozen_in_the_compute_dtype():

@@ -121,6 +121,9 @@ def check_keys(config):
   if config.algorithm == "gkd" and config.data.get("packing", False):
     raise ValueError("config.data.packing=True: gkd samples a completion per row's prompt; "
                      "packed rows have several")
+  if config.algorithm == "gkd" and config.data.get("train_on", "") == "all":
+    raise ValueError("config.data.train_on='all': gkd's prompt is a row's tokens before its "
+                     "first trainable one; train on the assistant turns")
   if s.student_init:
     student_lib.parse_layers(s.student_init, teacher_hf["num_hidden_layers"])
     if config.model.random_init:
