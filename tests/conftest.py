@@ -34,12 +34,13 @@ FAMILIES = {
 }
 
 
-def make_hf_model(family: str, path, seed: int = 0, head: str = "lm"):
-  """Saves a random tiny transformers model of `family` to `path`; returns the torch model."""
+def make_hf_model(family: str, path, seed: int = 0, head: str = "lm", **overrides):
+  """Saves a random tiny transformers model of `family` to `path` (`overrides`: config fields
+  replacing TINY's); returns the torch model."""
   import torch
   import transformers
   config_cls, model_cls, extra = FAMILIES[family]
-  config = getattr(transformers, config_cls)(**TINY, **extra, pad_token_id=0, eos_token_id=1,
+  config = getattr(transformers, config_cls)(**{**TINY, **overrides}, **extra, pad_token_id=0, eos_token_id=1,
                                              bos_token_id=2)
   if head == "score":
     model_cls = model_cls.replace("ForCausalLM", "ForSequenceClassification")

@@ -23,7 +23,8 @@ VARIANTS = {"sft": ("default", "lora", "tiny", "synthetic"), "rm": ("default", "
             "dpo": ("default", "kto", "lora", "tiny"),
             "grpo": ("default", "dapo", "dr_grpo", "lora", "tiny"),
             "rloo": ("default", "lora", "tiny"),
-            "ppo": ("default", "lora", "shared_critic", "tiny")}
+            "ppo": ("default", "lora", "shared_critic", "tiny"),
+            "distill": ("default", "gkd", "seq_kd", "tiny")}
 
 # Keys no run sets, and why.
 EXEMPT = {
@@ -154,6 +155,15 @@ RUNS = [
         "ppo.reward_clip": 0.75, "ppo.dual_clip": 3.0, "critic.name_or_path": "{model}",
         "critic.share_backbone": True, "critic.warmup_steps": 1,
         "critic.optimizer.max_grad_norm": 0.5, "reward.funcs": "{rewards}", "max_steps": 2,
+        "eval_at_start": False, "report.task": ""}),
+    ("distill_every_loss_key", "distill:tiny", {
+        "teacher.name_or_path": "{model}", "distill.beta": 0.5, "distill.temperature": 2.0,
+        "distill.temperature_scale": False, "distill.hard_weight": 0.2, "distill.top_k": 8,
+        "max_steps": 2, "batch_size": 4, "eval_at_start": False, "report.task": ""}),
+    ("seq_kd_student_from_teacher_layers", "distill:seq_kd", {
+        "teacher.name_or_path": "{model}", "student.init": "teacher_layers:1",
+        "distill.lmbda": 0.5, "rollout.max_new_tokens": 4, "rollout.temperature": 0.8,
+        "rollout.top_k": 20, "rollout.top_p": 0.9, "max_steps": 2, "batch_size": 4,
         "eval_at_start": False, "report.task": ""}),
 ]
 HARNESS = {"metrics.progress_bar": False}  # every run: quiet, and its own workdir
@@ -306,8 +316,26 @@ def _check_ppo_keys(out, records, workdir, stdout):
                                          + 0.2 * second["loss/value_avg"], rel=1e-5)
 
 
+def _check_distill_keys(out, records, workdir, stdout):
+  """hard_weight 0.2 mixes the NLL in: loss = 0.8 divergence + 0.2 nll (also as averages)."""
+  for r in train_of(records):
+    assert r["loss"] == pytest.approx(0.8 * r["distill/divergence"] + 0.2 * r["distill/nll"],
+                                      rel=1e-5)
+
+
+def _check_seq_kd_keys(out, records, workdir, stdout):
+  """The student is teacher layer 1; every iteration trains on samples of at most 4 tokens
+  (the teacher's, or the student's when the coin says so)."""
+  assert json.loads((workdir / "student" / "student.json").read_text())["layers"] == [1]
+  rows = train_of(records)
+  assert all(r["completions/mean_length"] <= 4 and r["gkd/on_policy"] in (0.0, 1.0)
+             for r in rows)
+
+
 CHECKS = {"sft_chat_packed_epochs": _check_epochs,
           "ppo_every_key": _check_ppo_keys,
+          "distill_every_loss_key": _check_distill_keys,
+          "seq_kd_student_from_teacher_layers": _check_seq_kd_keys,
           "grpo_every_variant_key": _check_grpo_keys,
           "rloo_every_key": _check_rloo_keys,
           "rm_save_to_disk_splits": _check_named_evaluator,

@@ -10,7 +10,7 @@ documents the keys every recipe shares.
 
 import importlib
 
-RECIPES = ("sft", "rm", "dpo", "grpo", "rloo", "ppo")
+RECIPES = ("sft", "rm", "dpo", "grpo", "rloo", "ppo", "distill")
 
 
 def get(name: str):

@@ -27,6 +27,12 @@ batch sharded over devices stays sharded (with G = 1 each device would compute t
 batch's head). The default picks G = 1 on one device and G = B on several. The stats are put
 back in place; positions with mask == 0 get 0 (and no gradient).
 
+The same machinery serves any per-position function of the logits: `chunked_head(chunk_fn,
+...)` runs `chunk_fn` chunk by chunk, with optional `context` (e.g. a frozen teacher's hidden
+states, permuted and chunked with the student's) whose logits the function computes itself, so
+vocabulary-wide terms such as a distillation KL (losses/distill.py) never hold more than one
+chunk of either model's logits. `token_stats` is `chunked_head` of `_chunk_stats`.
+
 `token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy, entropy, mean
 logit); they carry no gradient.
 """
@@ -34,6 +40,7 @@ logit); they carry no gradient.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -46,11 +53,18 @@ DEFAULT_CHUNK_SIZE = 32
 STATS = ("logprobs", "correct", "entropy", "logit_mean")
 
 
-def _chunk_stats(h, kernel, targets, temperature):
-  """Stats of one chunk: h [G, C, D], targets [G, C] -> dict of [G, C] fp32 arrays of the
-  distribution softmax(h W / temperature)."""
+def chunk_logits(h, kernel, temperature=1.0):
+  """fp32 logits h W / temperature of one chunk: h [G, C, D], kernel [D, V] -> [G, C, V]."""
   logits = jnp.dot(h.reshape(-1, h.shape[-1]), kernel.astype(h.dtype),  # 2-D: see lora.dense
-                   preferred_element_type=jnp.float32).reshape(*targets.shape, -1) / temperature
+                   preferred_element_type=jnp.float32)
+  return logits.reshape(*h.shape[:-1], -1) / temperature
+
+
+def _chunk_stats(h, kernel, targets, context, consts):
+  """Stats of one chunk: h [G, C, D], targets [G, C] -> dict of [G, C] fp32 arrays of the
+  distribution softmax(h W / consts["temperature"])."""
+  del context
+  logits = chunk_logits(h, kernel, consts["temperature"])
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logits_ng = jax.lax.stop_gradient(logits)
@@ -63,39 +77,80 @@ def _chunk_stats(h, kernel, targets, temperature):
   }
 
 
-@jax.custom_vjp
-def _live_chunk_stats(h, kernel, ids, num_live, temperature):
-  """`_chunk_stats` of chunks i < num_live of h [N, G, C, D] / ids [N, G, C] -> [N, G, C] stats,
-  zeros for the rest: a loop with a traced trip count, so skipped chunks cost nothing."""
+def _at(tree, i):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _live_chunks(chunk_fn, h, kernel, ids, context, consts, num_live):
+  """`chunk_fn` of chunks i < num_live of h [N, G, C, D] / ids [N, G, C] / context [N, G, C, ...]
+  -> dict of [N, G, C] stats, zeros for the rest: a loop with a traced trip count, so skipped
+  chunks cost nothing."""
+  shapes = jax.eval_shape(chunk_fn, h[0], kernel, ids[0], _at(context, 0), consts)
+
   def body(i, out):
-    stats = _chunk_stats(h[i], kernel, ids[i], temperature)
-    return {k: out[k].at[i].set(stats[k]) for k in STATS}
-  return jax.lax.fori_loop(0, num_live, body, {k: jnp.zeros(ids.shape, jnp.float32) for k in STATS})
+    stats = chunk_fn(h[i], kernel, ids[i], _at(context, i), consts)
+    return {k: out[k].at[i].set(stats[k]) for k in out}
+  init = {k: jnp.zeros(ids.shape, s.dtype) for k, s in shapes.items()}
+  return jax.lax.fori_loop(0, num_live, body, init)
 
 
-def _live_chunk_stats_fwd(h, kernel, ids, num_live, temperature):
-  return (_live_chunk_stats(h, kernel, ids, num_live, temperature),
-          (h, kernel, ids, num_live, temperature))
+def _live_chunks_fwd(chunk_fn, h, kernel, ids, context, consts, num_live):
+  return (_live_chunks(chunk_fn, h, kernel, ids, context, consts, num_live),
+          (h, kernel, ids, context, consts, num_live))
 
 
-def _live_chunk_stats_bwd(res, cotangents):
-  """Recomputes each live chunk's logits and pulls back the `logprobs` cotangent (the other stats
-  carry no gradient, nor does the temperature); the kernel gradient is summed over chunks in
-  fp32."""
-  h, kernel, ids, num_live, temperature = res
+def _live_chunks_bwd(chunk_fn, res, cotangents):
+  """Recomputes each live chunk's logits and pulls back the stats' cotangents to h and the
+  kernel (stats built from stop-gradient values pull back nothing); the kernel gradient is summed
+  over chunks in fp32. `context` and `consts` (another model's hidden states, its kernel, the
+  temperature) get no gradient: they are frozen inputs."""
+  h, kernel, ids, context, consts, num_live = res
 
   def body(i, grads):
     d_h, d_kernel = grads
-    logprobs = lambda x, w: _chunk_stats(x, w, ids[i], temperature)["logprobs"]
-    d_hi, d_ki = jax.vjp(logprobs, h[i], kernel)[1](cotangents["logprobs"][i])
+    stats = lambda x, w: chunk_fn(x, w, ids[i], _at(context, i), consts)
+    d_hi, d_ki = jax.vjp(stats, h[i], kernel)[1](_at(cotangents, i))
     return d_h.at[i].set(d_hi), d_kernel + d_ki.astype(jnp.float32)
 
   init = (jnp.zeros_like(h), jnp.zeros(kernel.shape, jnp.float32))
   d_h, d_kernel = jax.lax.fori_loop(0, num_live, body, init)
-  return d_h, d_kernel.astype(kernel.dtype), None, None, jnp.zeros_like(temperature)
+  return d_h, d_kernel.astype(kernel.dtype), None, None, None, None
 
 
-_live_chunk_stats.defvjp(_live_chunk_stats_fwd, _live_chunk_stats_bwd)
+_live_chunks.defvjp(_live_chunks_fwd, _live_chunks_bwd)
+
+
+def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
+                 chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None, groups: Optional[int] = None,
+                 context: Optional[dict] = None, consts: Optional[dict] = None) -> dict:
+  """`chunk_fn(h, kernel, ids, context, consts) -> {name: [G, C] fp32}` at every wanted position
+  t >= 1 of the batch, chunk by chunk (module docstring), as {name: [B, T]} with 0 elsewhere.
+
+  Position t gets h = hidden[:, t - 1] (the state predicting token t), ids = input_ids[:, t] and
+  context[k][:, t - 1] for each entry [B, T, ...] of `context` (e.g. a frozen teacher's hidden
+  states, read at the same predicting position); `consts` (a dict of arrays: a teacher's
+  kernel, a temperature) is passed whole. Gradients flow to `hidden` and `kernel` only, through
+  a backward pass that recomputes each chunk. `chunk_size`, `mask`, `groups`: see
+  `token_stats`."""
+  b, t, _ = hidden.shape
+  if input_ids.shape != (b, t):
+    raise ValueError(f"input_ids shape {input_ids.shape} does not match hidden {hidden.shape}")
+  if mask is not None and mask.shape != (b, t):
+    raise ValueError(f"mask shape {mask.shape} does not match input_ids {input_ids.shape}")
+  groups = (1 if jax.device_count() == 1 else b) if groups is None else groups
+  if groups < 1 or b % groups:
+    raise ValueError(f"groups={groups} does not divide the batch's {b} rows")
+  wanted = jnp.broadcast_to(jnp.arange(t) > 0, (b, t))
+  if mask is not None:
+    wanted = wanted & (mask > 0)
+  # Position t is predicted from hidden t-1: shift right by one (zeros at t=0).
+  shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+  grouped = lambda x: x.reshape(groups, -1, *x.shape[2:])  # [G, (B / G) * T, ...]
+  context = {k: grouped(shift(v)) for k, v in (context or {}).items()}
+  out = _compacted(chunk_fn, grouped(shift(hidden)), kernel, grouped(input_ids), context,
+                   consts or {}, grouped(wanted), max(1, min(chunk_size, t)) * (b // groups))
+  return {k: v.reshape(b, t) * wanted for k, v in out.items()}
 
 
 def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
@@ -109,38 +164,24 @@ def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE,
   groups of consecutive rows; None picks 1 on one device, B on several (module docstring).
   `temperature` T > 0: the stats are those of softmax(logits / T).
   """
-  b, t, _ = hidden.shape
-  if input_ids.shape != (b, t):
-    raise ValueError(f"input_ids shape {input_ids.shape} does not match hidden {hidden.shape}")
-  if mask is not None and mask.shape != (b, t):
-    raise ValueError(f"mask shape {mask.shape} does not match input_ids {input_ids.shape}")
-  groups = (1 if jax.device_count() == 1 else b) if groups is None else groups
-  if groups < 1 or b % groups:
-    raise ValueError(f"groups={groups} does not divide the batch's {b} rows")
-  wanted = jnp.broadcast_to(jnp.arange(t) > 0, (b, t))
-  if mask is not None:
-    wanted = wanted & (mask > 0)
-  # Position t is predicted from hidden t-1: shift hidden right by one (zeros at t=0).
-  h = jnp.concatenate([jnp.zeros_like(hidden[:, :1]), hidden[:, :-1]], axis=1)
-  grouped = lambda x: x.reshape(groups, -1, *x.shape[2:])  # [G, (B / G) * T, ...]
-  out = _compacted_stats(grouped(h), kernel, grouped(input_ids), grouped(wanted),
-                         max(1, min(chunk_size, t)) * (b // groups),
-                         jnp.asarray(temperature, jnp.float32))
-  return {k: v.reshape(b, t) * wanted for k, v in out.items()}
+  return chunked_head(_chunk_stats, hidden, kernel, input_ids, chunk_size, mask, groups,
+                      consts={"temperature": jnp.asarray(temperature, jnp.float32)})
 
 
-def _compacted_stats(h, kernel, ids, wanted, chunk: int, temperature) -> dict:
-  """`_chunk_stats` of the wanted positions of each group (row) of h [G, N, D], ids / wanted
-  [G, N], chunk by chunk of [G, chunk] positions with the wanted ones moved first; [G, N] out."""
+def _compacted(chunk_fn, h, kernel, ids, context, consts, wanted, chunk: int) -> dict:
+  """`chunk_fn` of the wanted positions of each group (row) of h [G, N, D], ids / wanted [G, N],
+  context [G, N, ...], chunk by chunk of [G, chunk] positions with the wanted ones moved first;
+  [G, N] out."""
   g, n = wanted.shape
   num_chunks = -(-n // chunk)
   # Each group's wanted positions first (stable: in order), padded to whole chunks with index 0.
   order = jnp.pad(jnp.argsort(~wanted, axis=1, stable=True), ((0, 0), (0, num_chunks * chunk - n)))
   num_live = -(-jnp.max(jnp.sum(wanted, axis=1)) // chunk)  # chunks holding a wanted position
-  h = jnp.take_along_axis(h, order[..., None], axis=1)
-  ids = jnp.take_along_axis(ids, order, axis=1)
-  split = lambda x: x.reshape(g, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
-  out = _live_chunk_stats(split(h), kernel, split(ids), num_live, temperature)
+  gather = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)),
+                                         axis=1)
+  split = lambda x: gather(x).reshape(g, num_chunks, chunk, *x.shape[2:]).swapaxes(0, 1)
+  out = _live_chunks(chunk_fn, split(h), kernel, split(ids), jax.tree.map(split, context), consts,
+                     num_live)
   inverse = jnp.argsort(order[:, :n], axis=1)
   unsort = lambda v: jnp.take_along_axis(v.swapaxes(0, 1).reshape(g, -1), inverse, axis=1)
   return {k: unsort(v) for k, v in out.items()}
@@ -176,16 +217,23 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
   `dropout_rng` (training only) drives LoRA adapter dropout. `temperature`: see `token_stats`.
   `return_hidden` adds the final hidden states [B, T, D] as "hidden" (a value head on the same
   forward: PPO's shared-backbone critic)."""
-  ids = batch[prefix + "input_ids"]
-  args = (ids, batch[prefix + "attention_mask"], batch.get(prefix + "positions"),
-          batch.get(prefix + "segment_ids"))
+  hidden = model_hidden_states(model, params, batch, prefix, embed_hook, dropout_rng)
+  mask = batch.get(prefix + "loss_mask") if targets_only else None
+  stats = token_stats(hidden, output_kernel(params, model.cfg), batch[prefix + "input_ids"],
+                      chunk_size, mask, temperature=temperature)
+  return {**stats, "hidden": hidden} if return_hidden else stats
+
+
+def model_hidden_states(model, params, batch: dict, prefix: str = "",
+                        embed_hook: Optional[Callable] = None, dropout_rng=None):
+  """The final normed hidden states [B, T, D] of a causal LM on the batch fields
+  `{prefix}input_ids`, `..attention_mask`, `..positions`, `..segment_ids` (`embed_hook`,
+  `dropout_rng`: see `model_token_stats`)."""
+  args = (batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+          batch.get(prefix + "positions"), batch.get(prefix + "segment_ids"))
   with _intercept_embeddings(embed_hook):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
-    hidden = model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
-  mask = batch.get(prefix + "loss_mask") if targets_only else None
-  stats = token_stats(hidden, output_kernel(params, model.cfg), ids, chunk_size, mask,
-                      temperature=temperature)
-  return {**stats, "hidden": hidden} if return_hidden else stats
+    return model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,10 @@ Contract, in the order the loop uses it:
 * `check_config(config)` (optional) runs before anything is loaded (jaxpost/train/validate.py)
   and raises a ValueError naming the key when one of the algorithm's own keys is invalid —
   parse them with the same code the loss uses, so the valid values live in one place.
+* `prepare_config(config) -> config` (optional) runs after the checks, before anything is
+  loaded, and returns the config the run uses (and saves in its checkpoints): distill builds a
+  student from the teacher's layers and points `model.name_or_path` at it. It must be
+  idempotent (a resumed run calls it again).
 * `prepare_frozen(ctx: SetupContext) -> (frozen, modules)`: `frozen` is a dict of parameter trees
   that are inputs to the step but never optimised (no optimiser state, no gradient); `modules`
   maps the same names to the Flax modules that apply them. `ctx.policy` is the loaded policy
@@ -81,9 +85,11 @@ from jaxpost.losses import sft
 from jaxpost.models import lora
 
 LOADER_KINDS = ("sft", "preference", "unpaired", "prompt")
-# Modules registering the other built-in algorithms ("dpo", "kto", "rm", "grpo", "rloo", "ppo"),
+# Modules registering the other built-in algorithms ("dpo", "kto", "rm", "grpo", "rloo", "ppo",
+# "distill", "gkd"),
 # imported on demand.
-BUILTIN_MODULES = ("jaxpost.algos.preference", "jaxpost.algos.grpo", "jaxpost.algos.ppo")
+BUILTIN_MODULES = ("jaxpost.algos.preference", "jaxpost.algos.grpo", "jaxpost.algos.ppo",
+                   "jaxpost.algos.distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +222,7 @@ class Algorithm:
   finalize_metrics: Optional[Callable[[dict], dict]] = None
   members: Optional[Callable[[SetupContext], dict]] = None
   check_config: Optional[Callable[[Any], None]] = None
+  prepare_config: Optional[Callable[[Any], Any]] = None
   evals: tuple = ("loss", "task")
 
   def __post_init__(self):

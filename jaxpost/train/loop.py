@@ -1,7 +1,7 @@
 """The one training loop. `train(config)` runs, for any registered algorithm:
 
     distributed init -> config checks (validate.py; nothing loaded yet) -> (a run already at
-    max_steps: return `complete`) -> mesh -> policy -> loaders (num_epochs -> max_steps) ->
+    max_steps: return `complete`) -> the algorithm's `prepare_config` -> mesh -> policy -> loaders (num_epochs -> max_steps) ->
     frozen trees -> sharded state -> resume from the newest usable checkpoint
     -> repeat: next batch -> [collect] -> the algorithm's step (default: one jitted, donated
                optimiser update; rollout algorithms: one iteration, algorithms.py `make_step`)
@@ -75,6 +75,8 @@ def train(config, train_loader=None, eval_loader=None) -> dict:
              config.workdir, done, config.max_steps)
     return {"step": done, "complete": True, "preempted": False}
   algorithm = algorithms.get(config.algorithm)
+  if algorithm.prepare_config is not None:
+    config = algorithm.prepare_config(config)
   mesh = sh.build_mesh(config.mesh)
   rules = sh.rules_of(config.mesh)
   log.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
