@@ -1,0 +1,207 @@
+"""Rejection sampling (jaxpost/pipelines/rejection_sampling.py) and the resumable store it runs on
+(jaxpost/pipelines/common.py), on the tiny random Llama with the bundled tokenizer."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxpost
+from jaxpost.pipelines import common, rejection_sampling as rs
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARDS = """
+def length(prompts, completions, **columns):
+    return [float(len(c[0]["content"]) % 7) for c in completions]
+"""
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("rs") / "len_reward.py"
+  path.write_text(REWARDS)
+  return f"{path}:length"
+
+
+def tiny(workdir, reward_file, **overrides):
+  c = jaxpost.configs.get("rejection_sampling:tiny")
+  c.workdir = str(workdir)
+  c.reward.funcs = reward_file
+  c.pipeline.progress_bar = False
+  c.report.task = ""
+  c.train_after, c.rounds = False, 1
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_select_modes_by_hand():
+  r = np.array([[0.5, 2.0, np.nan, 2.0, 1.0],
+                [np.nan, np.nan, np.nan, np.nan, np.nan],
+                [1.0, 1.0, 1.0, 1.0, 1.0]])
+  texts = [["a", "b", "c", "b", "d"], ["x"] * 5, ["s", "s", "t", "s", "u"]]
+  assert rs.select(r, "best") == [[1], [], [0]]
+  assert rs.select(r, "top_k", k=3) == [[1, 3, 4], [], [0, 1, 2]]
+  assert rs.select(r, "threshold", min_reward=1.0) == [[1, 3, 4], [], [0, 1, 2, 3, 4]]
+  assert rs.select(r, "all_correct", k=0, min_reward=1.0, texts=texts) == [[1, 4], [], [0, 2, 4]]
+  assert rs.select(r, "all_correct", k=2, min_reward=1.0, texts=texts)[2] == [0, 2]
+  assert rs.select(r, "best", min_reward=3.0) == [[], [], []]
+  assert rs.select(r, "pairs") == [[(1, 0)], [], []]  # ties skipped, NaN never picked
+  curve = rs.reward_curve(r)
+  assert curve["reward_max"] == pytest.approx((2.0 + 1.0) / 2)
+  assert curve["reward_median"] == pytest.approx((1.5 + 1.0) / 2)
+
+
+def test_bad_keys_fail_naming_them(tmp_path, reward_file):
+  c = tiny(tmp_path, reward_file)
+  c.selection.mdoe = "best"
+  with pytest.raises(common.PipelineError, match="selection.mdoe.*selection.mode"):
+    rs.run(c)
+  c = tiny(tmp_path, reward_file, **{"selection.mode": "median"})
+  with pytest.raises(common.PipelineError, match="selection.mode must be one of"):
+    rs.run(c)
+  c = tiny(tmp_path, reward_file, **{"selection.mode": "pairs", "train_after": True})
+  with pytest.raises(common.PipelineError, match="configs/rejection_sampling.py:pairs"):
+    rs.run(c)
+
+
+# ----------------------------------------------------------------------------- store
+
+
+def test_store_commit_point_is_the_state_file(tmp_path, monkeypatch):
+  cfg = tiny(tmp_path, "x.py:f")
+  store = common.UnitStore(tmp_path, cfg)
+  store.commit("a", [{"x": 1}], {"kept": 1})
+  real = common.atomic_write
+
+  def dies_on_state(path, text):
+    if Path(path).name == common.STATE_FILE:
+      raise KeyboardInterrupt  # killed after the part was renamed, before the state was
+    real(path, text)
+  monkeypatch.setattr(common, "atomic_write", dies_on_state)
+  with pytest.raises(KeyboardInterrupt):
+    store.commit("b", [{"x": 2}], {"kept": 1})
+  monkeypatch.setattr(common, "atomic_write", real)
+  again = common.UnitStore(tmp_path, cfg)
+  assert not again.done("b") and again.units() == ["a"]
+  again.commit("b", [{"x": 3}], {"kept": 1})  # redone: the orphan part is overwritten
+  assert again.export(tmp_path / "out.jsonl", again.units()) == 2
+  assert common.read_jsonl(tmp_path / "out.jsonl") == [{"x": 1}, {"x": 3}]
+  assert again.stats() == {"kept": 2}
+  assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+  cfg.num_samples = 5
+  with pytest.raises(common.PipelineError, match="num_samples: 4 -> 5"):
+    common.UnitStore(tmp_path, cfg)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@pytest.fixture(scope="module")
+def best_run(tmp_path_factory, reward_file):
+  """One round, selection best, no training: the reference for the resume test."""
+  workdir = tmp_path_factory.mktemp("rs_best")
+  report = rs.run(tiny(workdir, reward_file, **{"prompts_per_round": 12}))
+  return workdir, report
+
+
+def test_best_keeps_the_per_prompt_max(best_run):
+  workdir, report = best_run
+  rows = common.read_jsonl(workdir / "data.jsonl")
+  rnd = report["rounds"][0]
+  assert report["complete"] and len(rows) == rnd["prompts"] == 12 == rnd["kept"]
+  kept = np.mean([r["reward"] for r in rows])
+  assert kept == pytest.approx(rnd["reward_max"]) and kept >= rnd["reward_mean"]
+  assert rnd["reward_max"] > rnd["reward_mean"]  # the rewards vary, so the test can fail
+  assert all("answer" in r and r["completion"][0]["role"] == "assistant" for r in rows)
+  manifest = json.loads((workdir / "manifest.json").read_text())
+  assert manifest["counts"]["samples"] == 48 and manifest["rows"] == 12
+  assert manifest["versions"]["jax"] and manifest["config"]["num_samples"] == 4
+
+
+def test_killed_run_resumes_to_identical_rows(tmp_path, best_run, reward_file, monkeypatch):
+  ref_dir, _ = best_run
+  c = tiny(tmp_path, reward_file, **{"prompts_per_round": 12})
+  real, calls = common.UnitStore.commit, []
+
+  def killed_after_one(self, unit, rows, stats=None, info=None):
+    calls.append(unit)
+    if len(calls) == 2:
+      raise KeyboardInterrupt  # the process dies in the middle of the round
+    real(self, unit, rows, stats, info)
+  monkeypatch.setattr(common.UnitStore, "commit", killed_after_one)
+  with pytest.raises(KeyboardInterrupt):
+    rs.run(c)
+  monkeypatch.setattr(common.UnitStore, "commit", real)
+  assert json.loads((tmp_path / "state.json").read_text())["order"] == ["r0/u00000"]
+  assert not (tmp_path / "data.jsonl").exists()
+  rs.run(tiny(tmp_path, reward_file, **{"prompts_per_round": 12}))
+  assert (tmp_path / "data.jsonl").read_text() == (ref_dir / "data.jsonl").read_text()
+
+
+def test_max_rows_bound_then_continue(tmp_path, reward_file):
+  c = tiny(tmp_path, reward_file, **{"prompts_per_round": 12, "pipeline.max_rows": 4})
+  first = rs.run(c)
+  assert not first["complete"] and "max_rows" in first["stopped"]
+  assert len(common.read_jsonl(tmp_path / "data.jsonl")) == 4
+  again = rs.run(tiny(tmp_path, reward_file, **{"prompts_per_round": 12}))
+  assert again["complete"] and len(common.read_jsonl(tmp_path / "data.jsonl")) == 12
+
+
+def test_two_rounds_train_twice_with_pairs(tmp_path, reward_file):
+  c = jaxpost.configs.get("rejection_sampling:pairs")
+  tiny_c = tiny(tmp_path, reward_file, **{"train_after": True, "rounds": 2,
+                                          "report.task": "auto", "report.examples": 4})
+  tiny_c.selection.mode, tiny_c.selection.min_reward = "pairs", None
+  train = jaxpost.configs.get("dpo:tiny")
+  train.max_steps, train.batch_size, train.eval_at_start = 1, 2, False
+  train.data.cache, train.report.task = False, ""
+  tiny_c.train = train
+  assert c.train.algorithm == "dpo"
+  report = rs.run(tiny_c)
+  assert [r["round"] for r in report["rounds"]] == [1, 2]
+  for r in (0, 1):
+    pool = common.read_jsonl(tmp_path / f"round_{r}" / "pool.jsonl")
+    assert pool and all(p["chosen_reward"] > p["rejected_reward"] for p in pool)
+    assert (tmp_path / f"round_{r}" / "train" / "hf" / "config.json").exists()
+  kept0 = common.read_jsonl(tmp_path / "round_0" / "kept.jsonl")
+  assert len(common.read_jsonl(tmp_path / "round_1" / "pool.jsonl")) == len(kept0) + report[
+      "rounds"][1]["kept"]  # pool = all_rounds
+  state = json.loads((tmp_path / "state.json").read_text())
+  assert state["units"]["r1/train"]["info"]["start_from"] == str(
+      tmp_path / "round_0" / "train" / "hf")
+  assert all(math.isfinite(r["accuracy"]) for r in report["rounds"])
+
+
+def test_cli_locked_config_and_typo():
+  out = subprocess.run([sys.executable, "scripts/pipeline.py",
+                        "--config=configs/rejection_sampling.py:tiny", "--config.rounds_=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert out.returncode == 1 and "unknown config key 'rounds_'; did you mean rounds?" in out.stderr
+
+
+def test_sft_rounds_restart_from_base(tmp_path, reward_file):
+  c = tiny(tmp_path, reward_file, **{"train_after": True, "rounds": 2, "restart_from": "base",
+                                     "pool": "this_round", "train.max_steps": 1,
+                                     "train.data.cache": False})
+  report = rs.run(c)
+  state = json.loads((tmp_path / "state.json").read_text())["units"]
+  base = str(tmp_path / "base_model")
+  assert [state[f"r{r}/train"]["info"]["start_from"] for r in (0, 1)] == [base, base]
+  assert report["rounds"][1]["pool"] == report["rounds"][1]["kept"]  # this_round
+  # round 2 sampled from round 1's export, then trained the base on its own pool
+  assert common.read_jsonl(tmp_path / "data.jsonl") == common.read_jsonl(
+      tmp_path / "round_1" / "pool.jsonl")
