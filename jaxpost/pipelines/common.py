@@ -329,14 +329,18 @@ def unit_seed(seed: int, unit: str) -> int:
 
 
 def sample(lm, prompts: Sequence, n: int, sampling, seed: int, batch_size: int = 64,
-           temperature: Optional[float] = None, stop_strings: Sequence[str] = ()):
-  """`n` completions of each prompt through `jaxpost.generate` (batched, bucketed): a
+           temperature: Optional[float] = None, max_new_tokens: Optional[int] = None,
+           stop_strings: Sequence[str] = (), chat_template=None):
+  """`n` completions of each prompt through `jaxpost.generate` (batched, bucketed) with the
+  `sampling.*` keys (`temperature` / `max_new_tokens` replace theirs when given): a
   GenerateResult whose row i * n + j is sample j of prompt i."""
   from jaxpost.generate import generate
-  return generate(lm, list(prompts), max_new_tokens=int(sampling.max_new_tokens),
+  return generate(lm, list(prompts),
+                  max_new_tokens=int(max_new_tokens or sampling.max_new_tokens),
                   temperature=float(sampling.temperature if temperature is None else temperature),
                   top_k=int(sampling.top_k), top_p=float(sampling.top_p), n=n, seed=seed,
-                  batch_size=batch_size, stop_strings=tuple(stop_strings))
+                  batch_size=batch_size, stop_strings=tuple(stop_strings),
+                  chat_template=chat_template)
 
 
 # ----------------------------------------------------------------------------- prompts, scoring
