@@ -160,29 +160,20 @@ def test_max_rows_bound_then_continue(tmp_path, reward_file):
   assert again["complete"] and len(common.read_jsonl(tmp_path / "data.jsonl")) == 12
 
 
-def test_two_rounds_train_twice_with_pairs(tmp_path, reward_file):
-  c = jaxpost.configs.get("rejection_sampling:pairs")
-  tiny_c = tiny(tmp_path, reward_file, **{"train_after": True, "rounds": 2,
-                                          "report.task": "auto", "report.examples": 4})
-  tiny_c.selection.mode, tiny_c.selection.min_reward = "pairs", None
-  train = jaxpost.configs.get("dpo:tiny")
-  train.max_steps, train.batch_size, train.eval_at_start = 1, 2, False
-  train.data.cache, train.report.task = False, ""
-  tiny_c.train = train
-  assert c.train.algorithm == "dpo"
-  report = rs.run(tiny_c)
-  assert [r["round"] for r in report["rounds"]] == [1, 2]
-  for r in (0, 1):
-    pool = common.read_jsonl(tmp_path / f"round_{r}" / "pool.jsonl")
-    assert pool and all(p["chosen_reward"] > p["rejected_reward"] for p in pool)
-    assert (tmp_path / f"round_{r}" / "train" / "hf" / "config.json").exists()
-  kept0 = common.read_jsonl(tmp_path / "round_0" / "kept.jsonl")
-  assert len(common.read_jsonl(tmp_path / "round_1" / "pool.jsonl")) == len(kept0) + report[
-      "rounds"][1]["kept"]  # pool = all_rounds
-  state = json.loads((tmp_path / "state.json").read_text())
-  assert state["units"]["r1/train"]["info"]["start_from"] == str(
-      tmp_path / "round_0" / "train" / "hf")
-  assert all(math.isfinite(r["accuracy"]) for r in report["rounds"])
+def test_pairs_train_dpo_on_chosen_vs_rejected(tmp_path, reward_file):
+  c = tiny(tmp_path, reward_file, **{"train_after": True, "report.task": "auto",
+                                     "report.examples": 4})
+  c.selection.mode = "pairs"
+  c.train = jaxpost.configs.get("dpo:tiny")
+  c.train.max_steps, c.train.batch_size, c.train.eval_at_start = 1, 2, False
+  c.train.data.cache, c.train.report.task = False, ""
+  assert jaxpost.configs.get("rejection_sampling:pairs").train.algorithm == "dpo"
+  report = rs.run(c)
+  pool = common.read_jsonl(tmp_path / "round_0" / "pool.jsonl")
+  assert pool and all(p["chosen_reward"] > p["rejected_reward"] for p in pool)
+  assert len(pool) == report["rounds"][0]["kept"] <= 8  # at most one pair per prompt
+  assert (tmp_path / "round_0" / "train" / "hf" / "config.json").exists()
+  assert math.isfinite(report["rounds"][0]["accuracy"]) and report["base_accuracy"] is not None
 
 
 def test_cli_locked_config_and_typo():
@@ -193,12 +184,16 @@ def test_cli_locked_config_and_typo():
   assert out.returncode == 1 and "unknown config key 'rounds_'; did you mean rounds?" in out.stderr
 
 
-def test_sft_rounds_restart_from_base(tmp_path, reward_file):
+def test_two_sft_rounds_write_two_pools_and_train_twice(tmp_path, reward_file):
   c = tiny(tmp_path, reward_file, **{"train_after": True, "rounds": 2, "restart_from": "base",
                                      "pool": "this_round", "train.max_steps": 1,
                                      "train.data.cache": False})
   report = rs.run(c)
   state = json.loads((tmp_path / "state.json").read_text())["units"]
+  for r in (0, 1):
+    assert common.read_jsonl(tmp_path / f"round_{r}" / "pool.jsonl")
+    assert (tmp_path / f"round_{r}" / "train" / "hf" / "config.json").exists()
+  assert state["r1/u00000"] != state["r0/u00000"]
   base = str(tmp_path / "base_model")
   assert [state[f"r{r}/train"]["info"]["start_from"] for r in (0, 1)] == [base, base]
   assert report["rounds"][1]["pool"] == report["rounds"][1]["kept"]  # this_round
