@@ -64,8 +64,7 @@ def get_config(arg=None):
   c.workdir = "runs/rejection_sampling"
   c.seed = 0
   c.model = common.model_section()
-  c.data = ml_collections.ConfigDict({"train": "builtin:arithmetic", "task_kind": "prompt",
-                                      "columns": ml_collections.ConfigDict()})
+  c.data = common.data_section()
   c.sampling = common.sampling_section(max_new_tokens=16, temperature=0.8)
   c.temperatures = ml_collections.FieldReference(None, field_type=object)
   c.num_samples = 8

@@ -99,6 +99,14 @@ def pipeline_section(name: str, batch_size: int = 8) -> ml_collections.ConfigDic
       "generate_batch_size": 64, "progress_bar": True})
 
 
+def data_section(train="builtin:arithmetic") -> ml_collections.ConfigDict:
+  """The prompt source: `data.train` is untyped (a path, a builtin task, rows or specs), as in
+  jaxpost/data/config.py."""
+  c = ml_collections.ConfigDict({"task_kind": "prompt", "columns": ml_collections.ConfigDict()})
+  c.train = ml_collections.FieldReference(train, field_type=object)
+  return c
+
+
 def sampling_section(max_new_tokens: int = 64, temperature: float = 0.7):
   return ml_collections.ConfigDict({"max_new_tokens": max_new_tokens,
                                     "temperature": temperature, "top_k": 0, "top_p": 1.0})
@@ -272,6 +280,26 @@ def progress(total: int, desc: str, enabled: bool, initial: int = 0):
   """A tqdm bar (a no-op object when disabled)."""
   from tqdm.auto import tqdm
   return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True)
+
+
+def run_units(store: UnitStore, budget: Budget, units: Sequence[tuple], work, desc: str,
+              progress_bar: bool) -> Optional[str]:
+  """Runs `work(uid, payload)` (which commits unit `uid`) for every (uid, payload) not yet done,
+  in order, under a progress bar; returns the bound that stopped it early, or None."""
+  todo = [(uid, payload) for uid, payload in units if not store.done(uid)]
+  with progress(len(units), desc, progress_bar, len(units) - len(todo)) as bar:
+    for uid, payload in todo:
+      reason = budget.stop_reason(store.row_count())
+      if reason:
+        return reason
+      work(uid, payload)
+      bar.update(1)
+  return None
+
+
+def batches(rows: Sequence, size: int, prefix: str) -> list[tuple]:
+  """[(f"{prefix}u00000", rows[:size]), ...]: the units of a list of rows."""
+  return [(f"{prefix}u{u:05d}", rows[i:i + size]) for u, i in enumerate(range(0, len(rows), size))]
 
 
 # ----------------------------------------------------------------------------- manifest

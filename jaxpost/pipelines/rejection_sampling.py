@@ -211,20 +211,11 @@ class Pipeline:
 
   def _sample_round(self, r: int, lm) -> bool:
     """Samples, scores and selects round r unit by unit; False when a bound stopped it."""
-    rows = self._round_prompts(r)
-    bs = self.config.pipeline.batch_size
-    units = [(f"r{r}/u{u:05d}", rows[i:i + bs]) for u, i in enumerate(range(0, len(rows), bs))]
-    todo = [(uid, batch) for uid, batch in units if not self.store.done(uid)]
-    bar = common.progress(len(units), f"round {r} sampling", self.config.pipeline.progress_bar,
-                          len(units) - len(todo))
-    with bar:
-      for uid, batch in todo:
-        self.stopped = self.budget.stop_reason(self.store.row_count())
-        if self.stopped:
-          return False
-        self._sample_unit(uid, batch, r, lm)
-        bar.update(1)
-    return True
+    units = common.batches(self._round_prompts(r), self.config.pipeline.batch_size, f"r{r}/")
+    self.stopped = common.run_units(
+        self.store, self.budget, units, lambda uid, batch: self._sample_unit(uid, batch, r, lm),
+        f"round {r + 1} sampling", self.config.pipeline.progress_bar)
+    return self.stopped is None
 
   def _sample_unit(self, uid: str, batch: list[dict], r: int, lm):
     n, config = self.s.num_samples, self.config

@@ -441,21 +441,13 @@ class EvolInstruct(_Run):
 
   def run(self) -> dict:
     c = self.config
-    bs = c.pipeline.batch_size
-    complete = True
     for m in range(c.evol.rounds):
-      pool = self._pool(m)
-      units = [(f"m{m}/u{u:05d}", pool[i:i + bs]) for u, i in enumerate(range(0, len(pool), bs))]
-      todo = [(uid, b) for uid, b in units if not self.store.done(uid)]
-      with common.progress(len(units), f"evol round {m + 1}", c.pipeline.progress_bar,
-                           len(units) - len(todo)) as bar:
-        for uid, batch in todo:
-          self.stopped = self.budget.stop_reason(self.store.row_count())
-          if self.stopped:
-            return self.finish(False, rounds=m)
-          self._unit(uid, batch)
-          bar.update(1)
-    return self.finish(complete, rounds=c.evol.rounds)
+      units = common.batches(self._pool(m), c.pipeline.batch_size, f"m{m}/")
+      self.stopped = common.run_units(self.store, self.budget, units, self._unit,
+                                      f"evol round {m + 1}", c.pipeline.progress_bar)
+      if self.stopped:
+        return self.finish(False, rounds=m)
+    return self.finish(True, rounds=c.evol.rounds)
 
 
 def run(config) -> dict:
