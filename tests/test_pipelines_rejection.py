@@ -200,3 +200,25 @@ def test_two_sft_rounds_write_two_pools_and_train_twice(tmp_path, reward_file):
   # round 2 sampled from round 1's export, then trained the base on its own pool
   assert common.read_jsonl(tmp_path / "data.jsonl") == common.read_jsonl(
       tmp_path / "round_1" / "pool.jsonl")
+
+
+def test_reward_model_scores_rows_as_one_unpadded_forward(tmp_path):
+  import ml_collections
+  from jaxpost.train import sharding as sh
+  from jaxpost.train.state import load_sharded
+  c = tiny(tmp_path / "run", "", **{"prompts_per_round": 4})
+  mesh = sh.build_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  rm = load_sharded(c.model, mesh, sh.rules_of({}), head="score", seed=3)
+  jaxpost.save_model(rm, str(tmp_path / "rm"))
+  c.reward.model, c.reward.model_weight = str(tmp_path / "rm"), 2.0
+  scorer = common.TextScorer.from_config(c, rm.config.vocab_size)
+  rows = [[5, 6, 7], list(range(10, 40)), [9]]
+  got = scorer._model_scores(rows, batch=2)
+  rm = jaxpost.load_model(str(tmp_path / "rm"), head="score")
+  for r, value in zip(rows, got):
+    out = rm.model.apply({"params": rm.params}, np.asarray([r]), np.ones((1, len(r)), np.int32))
+    assert value == pytest.approx(float(np.asarray(out)[0, -1]), abs=1e-5)
+  assert scorer(["p"] * 3, ["a", "b", "c"], {}, rows) == pytest.approx(2.0 * got)
+  report = rs.run(c)
+  kept = [r["reward"] for r in common.read_jsonl(tmp_path / "run" / "data.jsonl")]
+  assert len(kept) == 4 and np.mean(kept) == pytest.approx(report["rounds"][0]["reward_max"])

@@ -82,6 +82,7 @@ def get_config(arg=None):
   c.train = sft.get_config()
   c.train.num_epochs, c.train.max_steps = 2.0, 0
   c.train.checkpoint.every = -1
+  c.train.model.remat_policy = "full"  # ~4.6 GB less peak memory, no slower on CPU (README)
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"configs/rejection_sampling.py: unknown variant {variant!r}; choose one "
@@ -92,6 +93,7 @@ def get_config(arg=None):
     c.selection.min_reward = None
     c.train = dpo.get_config()
     c.train.num_epochs, c.train.max_steps = 2.0, 0
+    c.train.model.remat_policy = "full"
   if variant == "tiny":
     tiny(c)
   return c

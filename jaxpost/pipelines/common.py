@@ -402,6 +402,7 @@ class TextScorer:
   functions: Any
   model: Any
   model_params: Any
+  _jitted: Any = None  # the reward model's jitted scores (compiled once per padded shape)
 
   @classmethod
   def from_config(cls, config, vocab_size: int) -> "TextScorer":
@@ -428,7 +429,9 @@ class TextScorer:
   def _model_scores(self, token_rows, batch: int = 16) -> np.ndarray:
     import jax
     from jaxpost.generate import bucket
-    score = jax.jit(self.model.scores)
+    if self._jitted is None:
+      self._jitted = jax.jit(self.model.scores)
+    score = self._jitted
     out = []
     for i in range(0, len(token_rows), batch):
       chunk = token_rows[i:i + batch]
