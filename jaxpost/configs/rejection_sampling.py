@@ -11,7 +11,9 @@
 Each round samples `num_samples` completions of each prompt, scores them (reward functions and/or
 a reward model, the keys of the RL recipes), keeps what `selection.mode` says, writes the pool
 and finetunes on it with the `train` recipe (configs/sft.py keys under `train.`; `:pairs` uses
-configs/dpo.py); the next round samples from that export.
+configs/dpo.py); the next round samples from that export. `train.<key>` is any key of that
+recipe (e.g. `train.optimizer.learning_rate`); its data.train, workdir, model.name_or_path and
+export_hf are set per round.
 """
 
 import ml_collections
@@ -48,9 +50,6 @@ KEYS = {
                    'the one data.train is drawn from; "": none)',
     "report.examples": "held-out prompts answered per report",
     "report.max_new_tokens": "tokens generated per report answer",
-    "train": "the recipe run after each round (train.<key> = its keys, e.g. "
-             "train.optimizer.learning_rate); data.train, workdir, model.name_or_path and "
-             "export_hf are set per round",
     **{k: v for k, v in ROLLOUT_KEYS.items() if k.startswith("reward.")},
 }
 __doc__ += doc_block(KEYS)
