@@ -9,7 +9,7 @@ from jaxpost.configs import keys
 
 VARIANTS = {"rejection_sampling": ("default", "pairs", "tiny"),
             "self_instruct": ("default", "evol", "tiny", "evol_tiny"),
-            "teacher_data": ("default", "tiny")}
+            "teacher_data": ("default", "tiny"), "mixture": ("default",)}
 
 
 @pytest.mark.parametrize("name", configs.PIPELINES)

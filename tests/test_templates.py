@@ -54,3 +54,24 @@ def test_two_task_mixture_with_cap_gives_the_stated_proportions():
   assert abs(first_half["small"] / 5000 - 2 / 7) < 0.03  # interleaved, not blocked
   uncapped = collections.Counter(r["t"] for r in mix(tasks, 11000))
   assert uncapped == {"big": 10000, "small": 1000}
+
+
+def test_mixture_pipeline_default_tasks(tmp_path):
+  import jaxpost
+  from jaxpost.pipelines import common
+  c = jaxpost.configs.get("mixture")
+  c.workdir, c.cap, c.num_rows = str(tmp_path), 100, 700
+  report = jaxpost.pipelines.run(c)
+  rows = common.read_jsonl(tmp_path / "data.jsonl")
+  seeds = report["counts"]["task_rows/seed_tasks"]  # 24 < cap: examples-proportional
+  assert report["rates"] == pytest.approx({"seed_tasks": seeds / (seeds + 100),
+                                           "arithmetic": 100 / (seeds + 100)})
+  assert abs(report["counts"]["rows/seed_tasks"] - 700 * seeds / (seeds + 100)) <= 1
+  assert len(rows) == 700 and {r["template"] for r in rows} == {
+      "instruction", "inverted", "question", "solve"}
+  assert all(normalize_row(r, "sft") for r in rows[:50])
+  c.tasks = [{"source": [{"a": "x"}], "templates": [{"prompt": "{b}", "completion": "{a}"}],
+              "name": "t"}]
+  c.workdir = str(tmp_path / "bad")
+  with pytest.raises(common.PipelineError, match=r"config.tasks\[0\]: t row 0, column 'b'"):
+    jaxpost.pipelines.run(c)

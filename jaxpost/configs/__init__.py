@@ -11,7 +11,7 @@ documents the keys every recipe shares.
 import importlib
 
 RECIPES = ("sft", "rm", "dpo", "grpo", "rloo")
-PIPELINES = ("rejection_sampling", "self_instruct", "teacher_data")  # scripts/pipeline.py
+PIPELINES = ("rejection_sampling", "self_instruct", "teacher_data", "mixture")  # scripts/pipeline.py
 
 
 def get(name: str):

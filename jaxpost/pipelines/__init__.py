@@ -4,13 +4,14 @@
     rejection_sampling   best-of-N by a verifier / reward model, then SFT, iterated (Llama 2)
     self_instruct        Self-Instruct (Wang et al. 2022) and Evol-Instruct (Xu et al. 2023)
     teacher_data         sequence-level distillation data: a teacher's completions of prompts
+    mixture              instruction templates over tasks, examples-proportional mixing (FLAN)
 
 Shared machinery (resumable row store, manifest, bounds, generation, scoring): common.py.
 """
 
 import importlib
 
-PIPELINES = ("rejection_sampling", "self_instruct", "teacher_data")
+PIPELINES = ("rejection_sampling", "self_instruct", "teacher_data", "mixture")
 
 
 def run(config) -> dict:

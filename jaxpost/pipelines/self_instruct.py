@@ -51,7 +51,7 @@ import numpy as np
 from jaxpost.data.rouge import RougePool, tokenize
 from jaxpost.pipelines import common
 
-SEED_TASKS = Path(__file__).resolve().parents[1] / "data" / "seed_tasks.jsonl"
+SEED_TASKS = common.seed_tasks_path()
 BLACKLIST = ("image", "images", "picture", "pictures", "graph", "graphs", "file", "files", "map",
              "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
 TASKS_HEADER = "Come up with a series of tasks:\n"
