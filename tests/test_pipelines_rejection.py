@@ -222,3 +222,10 @@ def test_reward_model_scores_rows_as_one_unpadded_forward(tmp_path):
   report = rs.run(c)
   kept = [r["reward"] for r in common.read_jsonl(tmp_path / "run" / "data.jsonl")]
   assert len(kept) == 4 and np.mean(kept) == pytest.approx(report["rounds"][0]["reward_max"])
+
+
+def test_train_recipe_typo_fails(tmp_path, reward_file):
+  c = tiny(tmp_path, reward_file)
+  c.train.optimizer.learnin_rate = 1e-3
+  with pytest.raises(common.PipelineError, match="train.optimizer.learnin_rate.*learning_rate"):
+    rs.run(c)

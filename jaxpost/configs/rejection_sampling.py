@@ -22,9 +22,7 @@ from jaxpost.configs import dpo, sft
 from jaxpost.configs.grpo import ROLLOUT_KEYS
 from jaxpost.configs.keys import doc_block
 from jaxpost.pipelines import common
-
-MODES = ("best", "top_k", "threshold", "all_correct", "pairs")
-POOLS = ("this_round", "all_rounds")
+from jaxpost.pipelines.rejection_sampling import MODES, POOLS
 KEYS = {
     **common.PIPELINE_KEYS, **common.MODEL_KEYS, **common.SAMPLING_KEYS,
     "data.train": "prompt source spec(s): any data.train source with a prompt column (its other "

@@ -112,13 +112,13 @@ def sampling_section(max_new_tokens: int = 64, temperature: float = 0.7):
                                     "temperature": temperature, "top_k": 0, "top_p": 1.0})
 
 
-def check_keys(config, defaults, docs: Mapping[str, str], where: str):
-  """Fails on a key of `config` that the pipeline's defaults lack (a typo from Python: a
-  ConfigDict accepts new attributes), naming the nearest known keys."""
-  known = config_keys.flatten(defaults, docs)
+def check_keys(config, defaults, docs: Mapping[str, str], where: str, also_known=()):
+  """Fails on a key of `config` that the pipeline's defaults (or `also_known`) lack (a typo from
+  Python: a ConfigDict accepts new attributes), naming the nearest known keys."""
+  known = set(config_keys.flatten(defaults, docs)) | set(also_known)
   for key in config_keys.flatten(config, docs):
     if key not in known and not any(key.startswith(k + ".") for k in known):
-      raise PipelineError(f"{where}: {config_keys.unknown_key_message(key, known)}")
+      raise PipelineError(f"{where}: {config_keys.unknown_key_message(key, sorted(known))}")
 
 
 def plain(config) -> dict:

@@ -175,7 +175,9 @@ class Pipeline:
 
   def __init__(self, config):
     from jaxpost.configs import rejection_sampling as recipe
-    common.check_keys(config, recipe.get_config(), _docs(), "rejection_sampling")
+    docs = _docs()  # train.* may be any recipe's keys (sft, dpo, ...)
+    common.check_keys(config, recipe.get_config(), docs, "rejection_sampling",
+                      [k for k in docs if k.startswith("train.")])
     self.config, self.s = config, Settings.of(config)
     self.workdir = Path(config.workdir)
     self.store = common.UnitStore(self.workdir, config)
@@ -198,8 +200,10 @@ class Pipeline:
     return self._scorer
 
   def _base_dir(self) -> str:
-    lm_dir = self.workdir / "base_model" if self.config.model.random_init else None
-    return str(lm_dir) if lm_dir is not None else self.config.model.name_or_path
+    """The base model's checkpoint (a random_init model's saved copy, common.load_generator)."""
+    if self.config.model.random_init:
+      return str(self.workdir / "base_model")
+    return self.config.model.name_or_path
 
   def _model_of_round(self, r: int) -> Optional[str]:
     """The checkpoint round r samples from: the previous round's export, else the base."""
@@ -326,8 +330,9 @@ class Pipeline:
       report = self._round_report(r, acc)
       report["pool"] = len(common.read_jsonl(pool))
       reports.append(report)
-      if self.budget.stop_reason(0) and r + 1 < self.s.rounds:
-        self.stopped, complete = self.budget.stop_reason(0), False
+      self.stopped = self.budget.stop_reason(0) if r + 1 < self.s.rounds else None
+      if self.stopped:  # max_seconds ran out between rounds
+        complete = False
         break
     return self._finish(reports, base_acc, complete, r)
 
