@@ -426,7 +426,7 @@ class EvolInstruct(_Run):
     rng = np.random.default_rng(common.unit_seed(c.seed, uid + "/ops"))
     ops = [str(rng.choice(list(c.evol.operations))) for _ in batch]
     evolved, _ = self.generate([evol_prompt(o, i) for o, i in zip(ops, batch)], uid)
-    evolved = [e.strip() or "" for e in evolved]
+    evolved = [e.strip() for e in evolved]
     answers, _ = self.generate([e or i for e, i in zip(evolved, batch)], uid + "/answers",
                                max_new_tokens=c.evol.response_max_new_tokens)
     rows, nxt = [], []
