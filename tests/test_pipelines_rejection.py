@@ -229,3 +229,12 @@ def test_train_recipe_typo_fails(tmp_path, reward_file):
   c.train.optimizer.learnin_rate = 1e-3
   with pytest.raises(common.PipelineError, match="train.optimizer.learnin_rate.*learning_rate"):
     rs.run(c)
+
+
+def test_per_round_temperatures(tmp_path, reward_file):
+  c = tiny(tmp_path, reward_file, **{"rounds": 2})
+  c.temperatures = [0.3, 1.1]
+  assert rs.Settings.of(c).temperatures == (0.3, 1.1)
+  c.temperatures = [0.3]
+  with pytest.raises(common.PipelineError, match="temperatures has 1 values for config.rounds=2"):
+    rs.Settings.of(c)
