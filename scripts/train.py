@@ -13,7 +13,6 @@ is for other data).
 
 import logging
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -21,61 +20,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging as absl_logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxpost.configs import keys  # noqa: E402
+from jaxpost.configs import cli  # noqa: E402
 
 PREEMPTED = 75  # EX_TEMPFAIL: try again
 
 config_flags.DEFINE_config_file("config", None, "Recipe: configs/<name>.py[:variant]",
                                 lock_config=True)
-HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
-
-
-def _recipe_arg(argv):
-  """The value of --config=..., or None."""
-  found = [a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)]
-  return found[-1] if found else None
-
-
-def _override_keys(argv) -> list:
-  """The dotted keys of the --config.<key>[=value] overrides (also --noconfig.<key>)."""
-  return [m.group(1) for a in argv if (m := re.match(r"^--?(?:no)?config\.([^=]+)", a))]
-
-
-def _missing(config, dotted: str):
-  """The prefix of `dotted` that `config` lacks (None when the whole path exists)."""
-  node, parts = config, dotted.split(".")
-  for i, part in enumerate(parts):
-    if not hasattr(node, "keys") or part not in node:
-      return ".".join(parts[:i + 1])
-    node = node[part]
-  return None
 
 
 def parse_flags(argv):
   """absl parsing; `--help` lists the recipe's keys; an unknown key fails in one line."""
-  help_wanted = any(a in HELP_FLAGS for a in argv[1:])
-  argv = [a for a in argv if a not in HELP_FLAGS]
-  recipe = _recipe_arg(argv)
-  if help_wanted and recipe is None:
-    print(f"{__doc__}\n{flags.FLAGS.main_module_help()}\n\nAdd --config=configs/<recipe>.py"
-          "[:variant] to --help to list the recipe's keys.")
-    sys.exit(0)
-  try:
-    rest = flags.FLAGS(argv)
-  except (AttributeError, KeyError) as err:
-    if recipe is None:
-      raise
-    config = flags.FLAGS["config"].parser.parse(recipe)
-    known = keys.flatten(config)
-    bad = [m for m in map(lambda k: _missing(config, k), _override_keys(argv)) if m]
-    if not bad:
-      raise err
-    sys.exit(f"train.py: {keys.unknown_key_message(bad[0], known)} (the config of {recipe} "
-             "is locked; --help lists its keys)")
-  if help_wanted:
-    print(f"{__doc__}\n{keys.format_help(flags.FLAGS.config, recipe)}")
-    sys.exit(0)
-  return rest
+  return cli.parse_flags(argv, "train.py", __doc__)
 
 
 def main(argv):

@@ -11,12 +11,14 @@ documents the keys every recipe shares.
 import importlib
 
 RECIPES = ("sft", "rm", "dpo", "grpo", "rloo", "ppo", "distill")
+PIPELINES = ("rejection_sampling", "self_instruct", "teacher_data", "mixture")  # scripts/pipeline.py
 
 
 def get(name: str):
-  """The ConfigDict of recipe `name` ("dpo", "dpo:kto", "sft:tiny", ...)."""
+  """The ConfigDict of recipe or pipeline `name` ("dpo", "dpo:kto", "sft:tiny",
+  "rejection_sampling:tiny", ...)."""
   recipe, _, variant = name.partition(":")
-  if recipe not in RECIPES:
-    raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES} (optionally "
+  if recipe not in RECIPES + PIPELINES:
+    raise ValueError(f"unknown recipe {recipe!r}; choose one of {RECIPES + PIPELINES} (optionally "
                      f"'<recipe>:<variant>')")
   return importlib.import_module(f"jaxpost.configs.{recipe}").get_config(variant or None)

@@ -52,9 +52,10 @@ def doc_block(keys: dict, title: str = "Keys") -> str:
   return "\n".join(lines) + "\n"
 
 
-def format_help(config, name: str) -> str:
-  """Every key of `config` with its current value and doc: what `train.py --help` prints."""
-  docs = all_docs()
+def format_help(config, name: str, docs=None) -> str:
+  """Every key of `config` with its current value and doc (`docs`: {key: doc}, default the
+  recipes'): what `train.py --help` prints."""
+  docs = all_docs() if docs is None else docs
   flat = flatten(config, docs)
   width = min(max(len(k) for k in flat) + 2, 34)
   lines = [f"Keys of {name} (override with --config.<key>=<value>):"]
