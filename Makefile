@@ -10,6 +10,9 @@ PIP := $(PY) -m pip -q --disable-pip-version-check
 # wheel (find-links); `make test TORCH_INDEX=` uses only your configured indexes.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 TORCH_VERSION := 2.13.0
+# Test processes (pytest-xdist; a file's tests stay in one process, sharing its fixtures). Most
+# of a test is single-threaded XLA compilation, so 2 workers use both cores of a small machine.
+TEST_WORKERS ?= 2
 # The requirements of one optional-dependency group of pyproject.toml (e.g. `bundled`).
 EXTRA = $(PY) -c 'import sys, tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]])'
 
@@ -39,7 +42,7 @@ train: setup
 	$(PY) scripts/train.py --config=configs/dpo.py
 
 test: setup-test
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) workdir

@@ -69,7 +69,7 @@ def test_precomputed_reference_run_matches_on_the_fly(tmp_path, small_arithmetic
   def records(precompute, workdir):
     config = dpo.get_config("tiny")
     config.workdir, config.precompute_ref = str(workdir), precompute
-    config.data.eval = None
+    config.data.eval, config.report.task = None, ""
     config.max_steps, config.log_every, config.batch_size = 4, 1, 4
     config.checkpoint.every = -1
     config.metrics.tensorboard = config.metrics.progress_bar = False
