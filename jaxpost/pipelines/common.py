@@ -51,7 +51,8 @@ RESUMABLE_KEYS = ("pipeline.max_rows", "pipeline.max_seconds", "pipeline.progres
 
 PIPELINE_KEYS = {
     "pipeline.name": "which pipeline runs (jaxpost/pipelines/<name>.py)",
-    "pipeline.max_rows": "stop once this many rows are kept (0: no bound); rerun to go on",
+    "pipeline.max_rows": "stop once this many rows are kept, checked between units (0: no "
+                         "bound); rerun without it to go on",
     "pipeline.max_seconds": "stop starting new units after this many seconds (0: no bound); "
                             "rerun the same command to continue",
     "pipeline.batch_size": "prompts per unit of work (one generate call, one commit)",
