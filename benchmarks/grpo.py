@@ -125,6 +125,7 @@ def run_jaxpost(config, spec: dict) -> dict:
   with tempfile.TemporaryDirectory() as workdir:
     config = jaxpost_config(config, spec, workdir)
     settings = {k: recipe_value(config.to_dict(), k) for k in RECIPE_KEYS}
+    settings["grad_accum"] = config.grad_accum  # the recipe's microbatches of the update
     jaxpost.train(config)
     records = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
   first = next(r for r in records if "compile_time" in r)  # the loop times it apart
@@ -294,7 +295,9 @@ def notes(args, ours: dict, ref: dict, ratio: str, load: float) -> str:
       f"{LEARNING_RATE:g}, full fine-tune, fp32 on both sides. Rollout: sampling + reward +",
       "advantages (with num_iterations 1 neither side recomputes the sampled tokens'",
       "log-probs: the update's forward is the old policy); update: loss, backward and",
-      "optimiser step; whole step: both and the bookkeeping between. Median of",
+      "optimiser step (jaxpost: in the recipe's grad_accum microbatches, exact accumulation;",
+      "TRL: one batch, gradient_accumulation_steps 1); whole step: both and the bookkeeping",
+      "between. Median of",
       f"{args.steps} timed iterations after the first (jaxpost: XLA compilation; TRL: eager",
       "warm-up). Completion lengths are sampled, so each side decodes its own number of tokens",
       "(generation stops once every row has emitted EOS): mean completion tokens per row over the",
