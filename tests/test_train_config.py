@@ -89,7 +89,7 @@ BAD_VALUES = [  # (recipe, key, value, what the error must say)
     ("sft:tiny", "lora.dropout", 1.5, "config.lora.dropout=1.5"),
     ("sft:tiny", "lora.targets", "(", "config.lora.targets='(' is not a regex"),
     ("sft:tiny", "report.task", "algebra", "config.report.task='algebra'"),
-    ("sft:tiny", "algorithm", "ppo", "config.algorithm='ppo' is not a registered algorithm"),
+    ("sft:tiny", "algorithm", "a2c", "config.algorithm='a2c' is not a registered algorithm"),
     ("sft:tiny", "neftune_alpha", -1.0, "config.neftune_alpha=-1.0"),
     ("sft:tiny", "mesh.data", 3, "config.mesh"),
     ("dpo:tiny", "loss_type", "sigmod", "config.loss_type must be one of"),
