@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxpost.losses import kl as kl_lib
+from jaxpost.losses.sft import masked_mean  # Σ m x / Σ m (0 when the mask is empty)
 
 WHITEN_EPS = 1e-8
 KL_ESTIMATORS = ("k1", "k3")
@@ -102,12 +103,6 @@ class PPOConfig:
 
 
 # --- masked statistics ---------------------------------------------------------------------------
-
-def masked_mean(x, mask):
-  """Σ m x / Σ m (0 when the mask is empty)."""
-  mask = jnp.asarray(mask, jnp.float32)
-  return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
 
 def masked_var(x, mask, unbiased: bool = True):
   """Masked variance about the masked mean; unbiased: times n / (n − 1)."""
