@@ -85,6 +85,29 @@ def preference_batches(length: int, batch_size: int, steps: int) -> dict:
   return batches
 
 
+WORDS = ("the river light stone garden window morning quiet paper green music table city road "
+         "winter summer answer simple small large bright cold warm people friend house water "
+         "story letter market bread field forest mountain cloud rain wind open close early late "
+         "write read learn teach build travel cook plant share help").split()
+CHAT_LENGTHS = {"prompt": 5, "chosen": 43, "rejected": 32}  # words; +-25 % per row
+
+
+def chat_rows(count: int, seed: int = 0) -> list[dict]:
+  """`count` completion-heavy conversational preference rows: a short user turn (~30 tokens with
+  the bundled template's system prompt), chosen ~45 and rejected ~35 tokens (an assistant turn
+  of CHAT_LENGTHS words, each row's lengths drawn within +-25 %) - the shape of chat preference
+  data, where completions, not prompts, hold most tokens."""
+  rng = np.random.default_rng(seed)
+
+  def text(key):
+    n = CHAT_LENGTHS[key]
+    words = rng.choice(WORDS, size=int(rng.integers(n - n // 4, n + n // 4 + 1)))
+    return " ".join(words).capitalize() + "."
+  turn = lambda role, key: [{"role": role, "content": text(key)}]
+  return [{"prompt": turn("user", "prompt"), "chosen": turn("assistant", "chosen"),
+           "rejected": turn("assistant", "rejected")} for _ in range(count)]
+
+
 def real_tokens_per_step(batches: dict) -> float:
   masks = [v for k, v in batches.items() if k.endswith("attention_mask")]
   return float(sum(m.sum() for m in masks)) / len(masks[0])

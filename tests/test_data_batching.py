@@ -17,7 +17,10 @@ def _seq(n, start=1):
 
 
 def test_buckets():
-  assert resolve_buckets(None, 1024) == (256, 512, 1024)
+  assert resolve_buckets(None, 1024) == (128, 256, 384, 512, 640, 768, 896, 1024)
+  assert resolve_buckets(None, 128) == (16, 32, 48, 64, 80, 96, 112, 128)
+  assert resolve_buckets(None, 100) == (16, 32, 48, 64, 80, 96, 100)
+  assert resolve_buckets(None, 4) == (4,)
   assert resolve_buckets([64, 2048, 128, 4096], 1000) == (64, 128, 2048)
   assert resolve_buckets([64], 100) == (64, 100)
   assert bucket_for(65, (64, 128)) == 128 and bucket_for(64, (64, 128)) == 64

@@ -211,3 +211,30 @@ def test_task_report_runs_greedy_generation():
   assert all(0.0 <= v <= 1.0 for v in out.values())
   config.report.task = ""
   assert task_report(policy, None, config) == {}
+
+
+def test_default_buckets_pad_less_with_the_same_loss_and_gradient(lm):
+  """The default buckets (multiples of max_length / 8) pad a batch of short pairs to 16 of
+  max_length 64, and the DPO loss, metrics and gradient equal those of the batch padded to 64."""
+  from jaxpost.data import batching
+  model, params, ref = lm
+  rng = np.random.default_rng(7)
+  records = []
+  for _ in range(3):
+    prompt = list(rng.integers(1, 64, 4))
+    c, r = list(rng.integers(1, 64, rng.integers(2, 10))), list(rng.integers(1, 64, 8))
+    records.append({"chosen_ids": np.asarray(prompt + c), "rejected_ids": np.asarray(prompt + r),
+                    "chosen_mask": np.asarray([0] * 4 + [1] * len(c)),
+                    "rejected_mask": np.asarray([0] * 4 + [1] * 8), "margin": np.nan})
+  tight = batching.preference_batch(records, batching.resolve_buckets(None, 64), 0)
+  padded = batching.preference_batch(records, (64,), 0)
+  assert tight["chosen_input_ids"].shape == (3, 16) and padded["chosen_input_ids"].shape == (3, 64)
+  fn = jax.jit(jax.value_and_grad(
+      lambda p, b: dpo_loss_fn(p, {"ref": ref}, b, None, ctx(model)), has_aux=True))
+  (loss_t, m_t), g_t = fn(params, tight)
+  (loss_p, m_p), g_p = fn(params, padded)
+  np.testing.assert_allclose(loss_t, loss_p, rtol=1e-6)
+  assert float(m_t["rewards/margins"]) != 0.0
+  for k in m_t:
+    np.testing.assert_allclose(m_t[k], m_p[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_t, g_p)

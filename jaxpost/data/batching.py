@@ -28,10 +28,22 @@ import numpy as np
 FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss_mask")
 
 
+DEFAULT_BUCKETS = 8  # default buckets per max_length: at most 1/8 of it is padding
+
+
+def default_buckets(max_length: int) -> list[int]:
+  """Multiples of step = ceil(max_length / DEFAULT_BUCKETS) rounded up to a multiple of 8, up to
+  max_length: at most DEFAULT_BUCKETS compiled shapes, and a batch pads its longest row by less
+  than one step (TRL pads to the longest row; with coarser buckets short rows paid up to 2x)."""
+  step = -(-max(-(-max_length // DEFAULT_BUCKETS), 1) // 8) * 8
+  return list(range(step, max_length, step)) + [max_length]
+
+
 def resolve_buckets(buckets: Optional[Sequence[int]], max_length: int) -> tuple[int, ...]:
-  """Sorted buckets up to the first one >= max_length (max_length added if none is)."""
+  """Sorted buckets up to the first one >= max_length (max_length added if none is); None:
+  `default_buckets`."""
   if not buckets:
-    buckets = [max(max_length // 4, 1), max(max_length // 2, 1), max_length]
+    buckets = default_buckets(max_length)
   out = sorted({int(b) for b in buckets if int(b) > 0})
   if not out or out[-1] < max_length:
     out.append(max_length)

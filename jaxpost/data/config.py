@@ -37,7 +37,8 @@ KEYS = {  # data.<key>: doc
     "max_prompt_length": "prompt token budget (None: max_length // 2 when cutting)",
     "max_completion_length": "completion token budget (None: the rest)",
     "truncation_mode": "which end of a prompt / unsplit sequence is kept: keep_end | keep_start",
-    "buckets": "padded lengths of batches (None: max_length / 4, / 2, max_length)",
+    "buckets": "padded lengths of batches (None: multiples of max_length / 8, rounded up to "
+               "a multiple of 8)",
     "packing": "SFT only: first-fit-decreasing packing of examples into rows of max_length",
     "train_on": "trained tokens: all_assistant | last_assistant (assistant turns; TRL's "
                 "assistant_only_loss / completion_only_loss) | all (every token but padding, "
