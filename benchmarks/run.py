@@ -12,6 +12,10 @@ the same bundled SmolLM2-135M-Instruct weights in fp32, the same token ids, batc
   dpo       configs/dpo.py, sigmoid      vs TRL DPOTrainer
   dpo_lora  dpo + LoRA r16 a32, 7 projs  vs DPOTrainer + peft LoraConfig (reference: adapters off)
   sft_lora  sft + LoRA r16 a32, 7 projs  vs SFTTrainer + peft LoraConfig
+  sft_chat, rm_chat, dpo_chat, dpo_lora_chat
+            the same on completion-heavy chat rows (a ~30-token prompt, completions of ~45 /
+            ~35 tokens: trainers.chat_rows), each side padding as it does by default (jaxpost:
+            its default length buckets; TRL: each batch to its longest row)
   generate  jaxpost.generate (greedy)    vs transformers generate
   grpo      configs/grpo.py, one GRPO    vs TRL GRPOTrainer (transformers generate);
             iteration (rollout + update)    benchmarks/grpo.py has the details
@@ -23,7 +27,8 @@ the median reported; generation times `--steps` calls after a first one. `--quic
 shapes and 2 timed steps (a smoke test). `--set` overrides a key of jaxpost's training configs (a
 lever of README "Memory and speed levers"); the recipe defaults are what the table reports. A
 full run without `--set` writes benchmarks/results/suite.md and rebuilds BENCHMARKS.md
-(benchmarks/report.py); a subset, --quick or --set run only prints its table unless given --write.
+(benchmarks/report.py); a subset, --quick or --set run only prints its table unless given --write
+(a subset then writes results/suite_<tasks>.md, its own section).
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ PEAK_YARDSTICK = common.CPU_PEAK_FLOPS
 @dataclasses.dataclass(frozen=True)
 class Task:
   kind: str  # sft | rm | dpo | generate | grpo
-  data: str  # sft | pairs | prompts | rollouts: which inputs (and shape) it runs on
+  data: str  # sft | pairs | chat_sft | chat_pairs | prompts | rollouts: inputs (and shape)
   reference: str
   lr: float = 0.0
   lora: bool = False
@@ -65,15 +70,19 @@ TASKS = {
     "dpo": Task("dpo", "pairs", "TRL DPOTrainer", 5e-6),
     "dpo_lora": Task("dpo", "pairs", "TRL DPOTrainer + peft", 5e-5, lora=True),
     "sft_lora": Task("sft", "sft", "TRL SFTTrainer + peft", 2e-4, lora=True),
+    "sft_chat": Task("sft", "chat_sft", "TRL SFTTrainer", 5e-5),
+    "rm_chat": Task("rm", "chat_pairs", "TRL RewardTrainer", 1e-5),
+    "dpo_chat": Task("dpo", "chat_pairs", "TRL DPOTrainer", 5e-6),
+    "dpo_lora_chat": Task("dpo", "chat_pairs", "TRL DPOTrainer + peft", 5e-5, lora=True),
     "generate": Task("generate", "prompts", "transformers generate"),
     "grpo": Task("grpo", "rollouts", "TRL GRPOTrainer", grpo.LEARNING_RATE),
 }
-# (batch, length) per data kind; prompts: (batch, prompt length, new tokens); rollouts:
+# (batch, max length) per data kind; prompts: (batch, prompt length, new tokens); rollouts:
 # (prompts, generations per prompt, new tokens).
-SHAPES = {"full": {"sft": (8, 64), "pairs": (4, 128), "prompts": (8, 64, 128),
-                   "rollouts": (8, 8, 64)},
-          "quick": {"sft": (2, 64), "pairs": (2, 64), "prompts": (2, 32, 8),
-                    "rollouts": (2, 2, 8)}}
+SHAPES = {"full": {"sft": (8, 64), "pairs": (4, 128), "chat_sft": (8, 128),
+                   "chat_pairs": (4, 128), "prompts": (8, 64, 128), "rollouts": (8, 8, 64)},
+          "quick": {"sft": (2, 64), "pairs": (2, 64), "chat_sft": (2, 128),
+                    "chat_pairs": (2, 128), "prompts": (2, 32, 8), "rollouts": (2, 2, 8)}}
 
 
 # ------------------------------------------------------------------------------ children
@@ -142,7 +151,9 @@ def task_inputs(task: Task, shapes: dict, steps: int, cache: dict, workdir: Path
                           "new_tokens": new, "batch_size": batch, "length": prompt_len}
     else:
       batch, length = shapes[task.data]
-      make = trainers.sft_batches if task.data == "sft" else trainers.preference_batches
+      make = {"sft": trainers.sft_batches, "pairs": trainers.preference_batches,
+              "chat_sft": lambda *a: trainers.chat_batches("sft", *a),
+              "chat_pairs": lambda *a: trainers.chat_batches("dpo", *a)}[task.data]
       path = workdir / f"{task.data}.npz"
       np.savez(path, **make(length, batch, steps))
       cache[task.data] = {"batches": str(path), "batch_size": batch, "length": length}
@@ -209,12 +220,19 @@ def check_text(task: Task, result: dict, reference: dict | None = None) -> str:
   return f"greedy tokens = reference in {same}/{len(reference['check'])} rows"
 
 
-def task_flops(task: Task, spec: dict, cfg) -> float:
+def task_flops(task: Task, spec: dict, cfg, result: dict) -> float:
+  """Model FLOPs of one step at the padded length; chat rows (each side pads its own way): at
+  the mean real length, i.e. the useful work only."""
   if task.kind == "generate":
     return common.generate_flops(cfg, spec["batch_size"], spec["length"], spec["new_tokens"])
   rows = spec["batch_size"] * (1 if task.kind == "sft" else 2)
-  return common.train_step_flops(cfg, rows, spec["length"], frozen_weights=task.lora,
+  length = (tokens_per_step(task, spec, result) / rows if is_chat(task) else spec["length"])
+  return common.train_step_flops(cfg, rows, length, frozen_weights=task.lora,
                                  reference=task.kind == "dpo", score_head=task.kind == "rm")
+
+
+def is_chat(task: Task) -> bool:
+  return task.data.startswith("chat_")
 
 
 def tokens_per_step(task: Task, spec: dict, result: dict) -> float:
@@ -241,12 +259,15 @@ def table_row(label: str, spec: dict, result: dict, ratio: str, cfg, peak: float
            if task.kind == "grpo" else f"{spec['batch_size']} x {spec['length']}")
   if task.kind == "generate":
     shape += f"+{spec['new_tokens']}"
+  if is_chat(task):
+    shape = f"{spec['batch_size']} x <= {spec['length']}, chat"
   if "missing" in result:
     return [spec["task"], label, shape] + ["-"] * 7 + [result["missing"]]
   median = statistics.median(result["step_times"])
   tokens = tokens_per_step(task, spec, result)  # None: GRPO without completion lengths
   mfu = (["-", "-"] if task.kind == "grpo" else  # sampled lengths: no fixed model FLOPs
-         [f"{100 * task_flops(task, spec, cfg) / median / p:.1f}%" for p in (peak, PEAK_YARDSTICK)])
+         [f"{100 * task_flops(task, spec, cfg, result) / median / p:.1f}%"
+          for p in (peak, PEAK_YARDSTICK)])
   return [spec["task"], label, shape, f"{median:.3f}",
           "-" if tokens is None else f"{tokens / median:.1f}", ratio, *mfu,
           f"{result['rss_gb']:.2f}", f"{result['first_step']:.1f}",
@@ -279,6 +300,11 @@ def notes(args, peak: float, load: tuple) -> str:
       "column gives the step-1 loss -> the last step's (before its update) on each side: equal",
       "step-1 losses mean the same forward (DPO starts at log 2; RM from the same saved score",
       "head), close last-step losses the same optimiser updates.",
+      "The *_chat rows run completion-heavy conversational rows (benchmarks/trainers.py",
+      "`chat_rows`: a short user turn, ~30 tokens with the template's system prompt; chosen ~45,",
+      "rejected ~35 tokens; SFT trains on the chosen reply) with each side's default padding:",
+      "jaxpost its default length buckets (multiples of max_length / 8), TRL each batch to its",
+      "longest row; their MFU counts the real tokens' FLOPs only (useful work).",
       f"Median of {args.steps} timed steps after the first (jaxpost: XLA compilation; TRL:",
       "eager warm-up) — generation: median of as many calls after the first. tokens/s counts",
       "real (non-pad) tokens per step (chosen + rejected for pairs; new tokens for generation);",
@@ -366,7 +392,10 @@ def run_suite(args, names: list[str]):
                       f"--steps={args.steps}", f"--torch_threads={args.torch_threads}"]
                      + ["--quick"] * args.quick + [f"--set={item}" for item in args.set])
   complete = names == list(TASKS) and not args.quick and not args.set
-  common.write_result("suite", "Suite: jaxpost vs TRL / transformers, SmolLM2-135M fp32", command,
+  title = "Suite: jaxpost vs TRL / transformers, SmolLM2-135M fp32"
+  if not complete:  # a subset is its own section, next to the full suite's
+    title += f" ({', '.join(names)})"
+  common.write_result("suite" if complete else "suite_" + "-".join(names), title, command,
                       table, notes(args, peak, (load_before, os.getloadavg()[0])),
                       save=complete or args.write)
   if complete or args.write:

@@ -1,7 +1,10 @@
 """One training benchmark in this process: jaxpost or TRL on the same pre-tokenised batches.
 
 Batches are built once (in the parent) with jaxpost's loader, one length bucket so every batch
-is [B, T], and stacked as numpy arrays {field: [steps, B, T]}. `run_jaxpost` trains on them
+is [B, T], and stacked as numpy arrays {field: [steps, B, T]}. Chat batches (`chat_batches`:
+completion-heavy conversational rows) keep the loader's default buckets instead, so each step
+has its own T (`bucket_length` [steps]; the stacked arrays are padded to the longest), and TRL
+pads each batch to its longest row (its default): each side pads as a user's run would. `run_jaxpost` trains on them
 through `jaxpost.train(config, train_loader=...)`; `run_trl` hands TRL the same token ids
 (`trl_rows`), records what TRL's collator feeds the model and raises unless every step's
 input ids, attention mask and loss mask equal jaxpost's (`check_same_tokens`).
@@ -30,7 +33,9 @@ RECIPES = {"sft": "sft", "rm": "rm", "dpo": "dpo"}  # kind -> configs/<recipe>.p
 
 def loader_batches(data_overrides: dict, kind: str, length: int, batch_size: int,
                    steps: int) -> dict:
-  """`steps` batches of jaxpost's loader (shuffle off, one bucket T=length), stacked."""
+  """`steps` batches of jaxpost's loader (shuffle off, one bucket T=length unless
+  `data_overrides` sets buckets), stacked; when it sets buckets the [B, T_i] batches are padded
+  to the longest T_i and `bucket_length` [steps] keeps each T_i."""
   from jaxpost.data.config import data_defaults
   from jaxpost.data.loader import build_loader
   from jaxpost.hf import load_tokenizer, resolve_model_dir
@@ -42,7 +47,14 @@ def loader_batches(data_overrides: dict, kind: str, length: int, batch_size: int
     raise RuntimeError(f"benchmark rows must fit {length} tokens: {loader.summary}")
   batches = [next(loader) for _ in range(steps)]
   loader.close()
-  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  if "buckets" not in data_overrides:
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+  widths = [b[next(k for k in b if k.endswith("input_ids"))].shape[1] for b in batches]
+  pad = lambda k, v: v if v.ndim == 1 else np.pad(
+      v, ((0, 0), (0, max(widths) - v.shape[1])),
+      constant_values=loader.pad_id if k.endswith("input_ids") else 0)
+  return {**{k: np.stack([pad(k, b[k]) for b in batches]) for k in batches[0]},
+          "bucket_length": np.asarray(widths)}
 
 
 def sft_batches(length: int, batch_size: int, steps: int) -> dict:
@@ -108,6 +120,25 @@ def chat_rows(count: int, seed: int = 0) -> list[dict]:
            "rejected": turn("assistant", "rejected")} for _ in range(count)]
 
 
+def chat_batches(kind: str, length: int, batch_size: int, steps: int) -> dict:
+  """`chat_rows` batches for `kind` (sft: prompt + chosen as the completion; rm / dpo: pairs)
+  with jaxpost's default buckets up to `length`."""
+  rows = chat_rows(steps * batch_size)
+  if kind == "sft":
+    rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
+  loader_kind = "sft" if kind == "sft" else "preference"
+  return loader_batches({"train": rows, "buckets": None}, loader_kind, length, batch_size, steps)
+
+
+def step_batch(batches: dict, step: int) -> dict:
+  """Step `step`'s batch, cut to its own bucket length when the batches carry one."""
+  out = {k: v[step] for k, v in batches.items() if k != "bucket_length"}
+  if "bucket_length" in batches:
+    width = int(batches["bucket_length"][step])
+    out = {k: v if v.ndim == 1 else v[:, :width] for k, v in out.items()}
+  return out
+
+
 def real_tokens_per_step(batches: dict) -> float:
   masks = [v for k, v in batches.items() if k.endswith("attention_mask")]
   return float(sum(m.sum() for m in masks)) / len(masks[0])
@@ -132,7 +163,7 @@ def jaxpost_config(kind: str, workdir: str, steps: int, batch_size: int, length:
 def run_jaxpost(config, batches: dict) -> dict:
   """Trains on `batches` in order; step times from metrics.jsonl (logged every step)."""
   import jaxpost
-  steps = [{k: v[i] for k, v in batches.items()} for i in range(config.max_steps)]
+  steps = [step_batch(batches, i) for i in range(config.max_steps)]
   with tempfile.TemporaryDirectory() as workdir:
     config.workdir = workdir
     jaxpost.train(config, train_loader=iter(steps))
@@ -150,7 +181,7 @@ def trl_rows(kind: str, batches: dict) -> list[dict]:
   sft: input_ids + completion_mask (= loss_mask); rm: chosen_ids / rejected_ids (full
   sequences); dpo: prompt_ids (what precedes the first trainable token, shared by both sides)
   + chosen_ids / rejected_ids (the rest)."""
-  flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batches.items()}
+  flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batches.items() if k != "bucket_length"}
   real = lambda prefix, i: flat[f"{prefix}input_ids"][i][: flat[f"{prefix}attention_mask"][i].sum()]
   rows = []
   for i in range(len(next(iter(flat.values())))):
@@ -180,9 +211,10 @@ def _dpo_row(i: int, flat: dict, real) -> dict:
 def expected_model_inputs(kind: str, batches: dict, step: int) -> dict:
   """What the model should see at `step`: [R, T] ids, attention mask and loss mask (None for
   rm), chosen rows before rejected rows for pairs (TRL's layout)."""
+  batch = step_batch(batches, step)
   if kind == "sft":
-    return {k: batches[k][step] for k in ("input_ids", "attention_mask", "loss_mask")}
-  both = lambda f: np.concatenate([batches[f"chosen_{f}"][step], batches[f"rejected_{f}"][step]])
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+  both = lambda f: np.concatenate([batch[f"chosen_{f}"], batch[f"rejected_{f}"]])
   return {"input_ids": both("input_ids"), "attention_mask": both("attention_mask"),
           "loss_mask": None if kind == "rm" else both("loss_mask")}
 
@@ -194,12 +226,22 @@ def check_same_tokens(kind: str, batches: dict, seen: list, steps: int):
   for step in range(steps):
     want, got = expected_model_inputs(kind, batches, step), _loss_mask_of(seen[step])
     mask = got["attention_mask"]
+    if "bucket_length" in batches:  # TRL pads to the longest row, jaxpost to its bucket
+      want = _cut_padding(want, mask.shape[1])
     same = (mask.shape == want["attention_mask"].shape
             and (mask == want["attention_mask"]).all()
             and (got["input_ids"][mask == 1] == want["input_ids"][mask == 1]).all()
             and (want["loss_mask"] is None or (got["loss_mask"] == want["loss_mask"]).all()))
     if not same:
       raise RuntimeError(f"{kind} step {step + 1}: TRL's batch differs from jaxpost's")
+
+
+def _cut_padding(fields: dict, width: int) -> dict:
+  """`fields` [R, T] cut to `width` columns (unchanged where the cut would drop real tokens,
+  so the comparison fails)."""
+  if fields["attention_mask"][:, width:].any():
+    return fields
+  return {k: None if v is None else v[:, :width] for k, v in fields.items()}
 
 
 def _loss_mask_of(batch: dict) -> dict:
@@ -213,13 +255,16 @@ def _loss_mask_of(batch: dict) -> dict:
 
 
 def trl_config(kind: str, out: str, steps: int, batch_size: int, length: int, lr: float,
-               beta: float):
+               beta: float, pad_to_longest: bool = False):
+  """TRL's config for the run; batches are padded to `length` unless `pad_to_longest` (TRL's
+  default: each batch to its longest row)."""
   import trl
   common = dict(
       output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps,
       learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
       max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-      bf16=False, max_length=length, pad_to_multiple_of=length, dataloader_drop_last=True,
+      bf16=False, max_length=length, pad_to_multiple_of=None if pad_to_longest else length,
+      dataloader_drop_last=True,
       train_sampling_strategy="sequential", seed=0)
   if kind == "sft":
     return trl.SFTConfig(completion_only_loss=True, **common)
@@ -262,7 +307,8 @@ def run_trl(kind: str, batches: dict, model_dir: str, lr: float, threads: int,
   with tempfile.TemporaryDirectory() as out:
     trainer = trl_trainer_class(kind)(
         model=auto.from_pretrained(model_dir, dtype=torch.float32),
-        args=trl_config(kind, out, steps, batch_size, length, lr, beta),
+        args=trl_config(kind, out, steps, batch_size, length, lr, beta,
+                        pad_to_longest="bucket_length" in batches),
         train_dataset=datasets.Dataset.from_list(rows), peft_config=peft_config(kind, lora),
         processing_class=transformers.AutoTokenizer.from_pretrained(model_dir),
         callbacks=[step_timer(times)])
