@@ -3,6 +3,7 @@
     python benchmarks/memory.py [--steps=3] [--only=baseline,remat_full,dpo:precompute_ref]
     python benchmarks/memory.py --raw=/tmp/memory.json  # keep raw rows: resume, re-render
     python benchmarks/memory.py --quick   # tiny random model, B=4 x T=128; prints, saves nothing
+    python benchmarks/memory.py --length=512 --only=dpo:baseline  # other T: memory_T512.md
 
 Every row is one `jaxpost.train(config)` run of the bundled SmolLM2-135M-Instruct in a fresh
 child process, since the RSS high-water mark is per process. The baseline is fp32 params and
@@ -82,7 +83,9 @@ def selected_rows(only: str) -> list[tuple[str, str]]:
 
 
 def shape(args, algo: str) -> tuple[int, int]:
-  return QUICK_SHAPE if args.quick else SHAPES[algo]
+  """(rows or pairs, tokens per row) of `algo`'s rows; `--length` replaces the tokens."""
+  batch, length = QUICK_SHAPE if args.quick else SHAPES[algo]
+  return batch, args.length or length
 
 
 def run_config(algo: str, lever: str, args, workdir: str):
@@ -187,7 +190,7 @@ def measure(args, rows) -> dict:
     if key in saved and "error" not in saved[key]:
       continue
     cmd = [sys.executable, __file__, f"--child={key}", f"--steps={args.steps}"]
-    cmd += ["--quick"] * args.quick
+    cmd += ["--quick"] * args.quick + [f"--length={args.length}"] * bool(args.length)
     load = os.getloadavg()[0]
     print(f"{key} (load {load:.1f}) ...", file=sys.stderr, flush=True)
     try:
@@ -348,6 +351,8 @@ def main():
   parser.add_argument("--steps", type=int, default=3, help="optimiser steps per row (1 compiles)")
   parser.add_argument("--only", default="", help="comma-separated levers or algo:lever")
   parser.add_argument("--quick", action="store_true", help="tiny random model, B=4 x T=128")
+  parser.add_argument("--length", type=int, default=0,
+                      help="tokens per row instead of 256 (results/memory_T<length>.md)")
   parser.add_argument("--raw", default="", help="JSON file of raw row results: rows in it are "
                       "reused, new ones added (resume or re-render a run)")
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -362,9 +367,13 @@ def main():
     parser.error(str(e))
   results = measure(args, rows)
   command = "python benchmarks/memory.py" + "".join(
-      f" --{k}={v}" for k, v in (("steps", args.steps), ("only", args.only)) if v)
+      f" --{k}={v}" for k, v in (("steps", args.steps), ("only", args.only),
+                                 ("length", args.length)) if v)
   title = "Memory levers: peak memory and step time per config lever"
-  write_result("memory", title, command + " --quick" * args.quick, table(results),
+  name = "memory"
+  if args.length:
+    title, name = f"{title}, T={args.length}", f"memory_T{args.length}"
+  write_result(name, title, command + " --quick" * args.quick, table(results),
                notes(args, results), save=not args.quick)
 
 

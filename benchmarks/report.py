@@ -9,7 +9,8 @@ benchmarks/results/; this keeps BENCHMARKS.md a faithful copy of the last run of
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["suite", "memory", "forward", "generate", "sft", "dpo", "grpo", "data", "dpo_trl_parity"]
+ORDER = ["suite", "suite_dpo_chat-sft_chat-rm_chat-dpo_lora_chat", "suite_generate", "memory",
+         "memory_T512", "forward", "sft", "dpo", "grpo", "data", "dpo_trl_parity"]
 
 HEADER = """# Benchmarks
 

@@ -125,12 +125,13 @@ def child_generate(spec: dict) -> dict:
   if spec["impl"] == "jaxpost":
     import jaxpost
     lm = jaxpost.load_model(spec["model_dir"])
-    out = generate.bench_jaxpost(lm, prompts, new, repeats, ttft=False)
+    out = generate.bench_jaxpost(lm, prompts, new, repeats)
   else:
     out = generate.bench_hf(generate.load_hf(spec["model_dir"]), prompts, new, repeats,
-                            threads=spec["threads"], ttft=False)
+                            threads=spec["threads"])
   times = [out["seconds"]]  # a median already
-  return {"step_times": times, "first_step": out["first"], "check": out["tokens"]}
+  return {"step_times": times, "first_step": out["first"], "check": out["tokens"],
+          "cpu_seconds": out["cpu_seconds"]}
 
 
 # ------------------------------------------------------------------------------ parent
@@ -214,10 +215,11 @@ def check_text(task: Task, result: dict, reference: dict | None = None) -> str:
             f"{statistics.median(result['update_times']):.2f} s")
   if task.kind != "generate":
     return f"loss {result['check']:.4f} → {result['last_loss']:.4f}"
+  cpu = f"; CPU {result['cpu_seconds']:.2f} s/call" if "cpu_seconds" in result else ""
   if reference is None:
-    return "reference tokens"
+    return "reference tokens" + cpu
   same = sum(a == b for a, b in zip(result["check"], reference["check"]))
-  return f"greedy tokens = reference in {same}/{len(reference['check'])} rows"
+  return f"greedy tokens = reference in {same}/{len(reference['check'])} rows" + cpu
 
 
 def task_flops(task: Task, spec: dict, cfg, result: dict) -> float:
@@ -314,7 +316,9 @@ def notes(args, peak: float, load: tuple) -> str:
       "per token (`forward_flops_per_token`: weight matmuls W + attention A): full finetuning",
       "3F; LoRA 2W + 3A (frozen base weights get no weight gradient; adapters not counted);",
       "DPO adds one reference forward F; the reward model's head is [D, 1] (no LM head);",
-      "generation counts the prompt forward plus one-token forwards at the mean context.",
+      "generation counts the prompt forward plus one-token forwards at the mean context; its",
+      "check column adds each side's median CPU seconds per call (all threads): the cost,",
+      "which other jobs on the cores inflate less than the wall time.",
       "GRPO (benchmarks/grpo.py; shape prompts x completions per prompt x max new tokens): one",
       "iteration = rollout (built-in arithmetic prompts, temperature 1, stop at EOS, jaxpost's",
       f"verifier as reward) + one DAPO update (beta 0, lr {grpo.LEARNING_RATE:g}); the step is",

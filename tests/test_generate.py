@@ -100,6 +100,26 @@ def test_raw_and_sampling_logprobs_match_full_forward(tiny):
   assert same.tokens == out.tokens and other.tokens != out.tokens
 
 
+def test_decode_layers_are_reused_until_the_params_change(tiny):
+  """The unstacked decode weights are split once per params: a second call reuses them, and
+  new params (`lm.params = ...`) are split again, so the tokens are those of the new params."""
+  import dataclasses
+  from jaxpost.generate import decode_layers
+  lm = dataclasses.replace(tiny)
+  first = generate(lm, MIXED[:2], max_new_tokens=8)
+  layers = decode_layers(lm)
+  assert generate(lm, MIXED[:2], max_new_tokens=8).tokens == first.tokens
+  assert decode_layers(lm) is layers
+  lm.params = jax.tree.map(lambda p: -p, tiny.params)
+  changed = generate(lm, MIXED[:2], max_new_tokens=8)
+  assert decode_layers(lm) is not layers
+  assert changed.tokens == generate(dataclasses.replace(tiny, params=lm.params), MIXED[:2],
+                                    max_new_tokens=8).tokens
+  assert changed.tokens != first.tokens
+  for tokens, prompt, logprobs in zip(changed.tokens, MIXED[:2], changed.logprobs):
+    np.testing.assert_allclose(logprobs, full_logprobs(lm, prompt, tokens)[0], atol=1e-4)
+
+
 def test_mixed_prompt_lengths_equal_each_prompt_alone(tiny):
   batch = generate(tiny, MIXED, max_new_tokens=16)
   for i, prompt in enumerate(MIXED):
