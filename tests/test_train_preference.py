@@ -43,6 +43,22 @@ def pair_batch(seed=0, n=3):
   return {**stack(chosen, "chosen_"), **stack(rejected, "rejected_")}
 
 
+def pair_records(n, prompt_len, chosen_lens, rejected_len, seed):
+  """`n` tokenised pair records (the loader's table rows): a shared prompt, a chosen completion
+  of a length in [chosen_lens), a rejected one of `rejected_len`."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for _ in range(n):
+    prompt = list(rng.integers(1, 64, prompt_len))
+    c = list(rng.integers(1, 64, rng.integers(*chosen_lens)))
+    r = list(rng.integers(1, 64, rejected_len))
+    records.append({"chosen_ids": np.asarray(prompt + c), "rejected_ids": np.asarray(prompt + r),
+                    "chosen_mask": np.asarray([0] * prompt_len + [1] * len(c)),
+                    "rejected_mask": np.asarray([0] * prompt_len + [1] * rejected_len),
+                    "margin": np.nan})
+  return records
+
+
 def ctx(model, ref_model=None, **config):
   config = ml_collections.ConfigDict({"beta": 0.1, "loss_type": "sigmoid", **config})
   return LossContext(model=model, config=config, modules={"ref": ref_model or model})
@@ -166,14 +182,7 @@ def test_reference_cache(lm, tmp_path):
   from jaxpost.algos.preference import add_cached_reference
   from jaxpost.algos.ref_cache import RefCache
   model, _, ref = lm
-  rng = np.random.default_rng(5)
-  records = []
-  for _ in range(5):
-    prompt = list(rng.integers(1, 64, 3))
-    c, r = list(rng.integers(1, 64, rng.integers(1, 4))), list(rng.integers(1, 64, 5))
-    records.append({"chosen_ids": np.asarray(prompt + c), "rejected_ids": np.asarray(prompt + r),
-                    "chosen_mask": np.asarray([0] * 3 + [1] * len(c)),
-                    "rejected_mask": np.asarray([0] * 3 + [1] * 5), "margin": np.nan})
+  records = pair_records(5, prompt_len=3, chosen_lens=(1, 4), rejected_len=5, seed=5)
   stream = Stream([np.arange(5)], [1.0], seed=0, shuffle=True)
   loader = SimpleNamespace(table=SimpleNamespace(records=records), batch_size=2, buckets=(8, 16),
                            pad_id=0, fingerprint="data", stream=stream)
@@ -218,14 +227,7 @@ def test_default_buckets_pad_less_with_the_same_loss_and_gradient(lm):
   max_length 64, and the DPO loss, metrics and gradient equal those of the batch padded to 64."""
   from jaxpost.data import batching
   model, params, ref = lm
-  rng = np.random.default_rng(7)
-  records = []
-  for _ in range(3):
-    prompt = list(rng.integers(1, 64, 4))
-    c, r = list(rng.integers(1, 64, rng.integers(2, 10))), list(rng.integers(1, 64, 8))
-    records.append({"chosen_ids": np.asarray(prompt + c), "rejected_ids": np.asarray(prompt + r),
-                    "chosen_mask": np.asarray([0] * 4 + [1] * len(c)),
-                    "rejected_mask": np.asarray([0] * 4 + [1] * 8), "margin": np.nan})
+  records = pair_records(3, prompt_len=4, chosen_lens=(2, 10), rejected_len=8, seed=7)
   tight = batching.preference_batch(records, batching.resolve_buckets(None, 64), 0)
   padded = batching.preference_batch(records, (64,), 0)
   assert tight["chosen_input_ids"].shape == (3, 16) and padded["chosen_input_ids"].shape == (3, 64)
