@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jaxpost.data import heldout
 from jaxpost.data.chat import TRAIN_ON, Limits
-from jaxpost.data.loader import parse_sources
+from jaxpost.data.loader import check_packing, parse_sources
 from jaxpost.data.synthetic import parse_spec
 from jaxpost.data.tasks import reward_fn
 from jaxpost.models.lora import LoraSpec
@@ -151,9 +151,10 @@ def _check_data(config, kind: str):
   Limits(length, prompt, completion, data.truncation_mode)
   if data.train_on not in TRAIN_ON:
     raise ConfigError(f"config.data.train_on={data.train_on!r}; choose one of {TRAIN_ON}")
-  if data.packing and kind != "sft":
-    raise ConfigError(f"config.data.packing=True is for SFT batches only "
-                      f"(config.algorithm={config.algorithm!r} reads {kind!r} rows)")
+  try:
+    check_packing(kind, data.packing, data.get("prefix_sharing", False))
+  except ValueError as e:
+    raise ConfigError(f"config.{e} (config.algorithm={config.algorithm!r})") from e
   fraction = data.get("eval_fraction", 0.0)
   if not 0.0 <= fraction < 1.0:
     raise ConfigError(f"config.data.eval_fraction={fraction} must be in [0, 1)")

@@ -1,0 +1,202 @@
+"""Prefix-shared pairs (data.prefix_sharing) compute exactly what the unshared 2B rows compute.
+
+Every test builds the same random pairs in both layouts (data/batching.py) and compares
+per-completion log-probs, DPO losses / metrics / gradients and reward-model scores at fp32
+rounding, on tiny random models.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxpost.algos import preference
+from jaxpost.data import batching
+from jaxpost.losses.dpo import LOSS_TYPES, PreferenceLossConfig, preference_loss
+from jaxpost.losses.logprobs import predecessor_index
+from jaxpost.models import lora
+from jaxpost.models.config import LlamaConfig
+from jaxpost.models.heads import LlamaForScore
+from jaxpost.models.llama import LlamaForCausalLM, init_params
+
+VOCAB, PAD = 128, 0
+BUCKETS = (16, 32, 48)
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def tiny(module_cls=LlamaForCausalLM, seed=0, **overrides):
+  cfg = LlamaConfig(**{**dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              head_dim=8), **overrides})
+  module = module_cls(cfg)
+  return module, init_params(module, jax.random.PRNGKey(seed))
+
+
+def pair_records(n=6, seed=0, empty_prompt_at=None):
+  """Preference records as the loader writes them: prompt + completion ids, mask on completions
+  (never on token 0)."""
+  rng = np.random.default_rng(seed)
+  tokens = lambda k: rng.integers(3, VOCAB, k).astype(np.int32)
+  out = []
+  for i in range(n):
+    prompt = tokens(0 if i == empty_prompt_at else rng.integers(3, 14))
+    rec = {"margin": np.float32(np.nan)}
+    for side in ("chosen", "rejected"):
+      comp = tokens(rng.integers(2, 10))
+      mask = np.r_[np.zeros(len(prompt)), np.ones(len(comp))].astype(np.int8)
+      mask[0] = 0
+      rec[side + "_ids"], rec[side + "_mask"] = np.r_[prompt, comp].astype(np.int32), mask
+    out.append(rec)
+  return out
+
+
+def left_padded(batch, fields):
+  """The rows of `batch` with their padding moved to the left (same tokens, same positions)."""
+  out = dict(batch)
+  for prefix in fields:
+    n = np.asarray(batch[prefix + "attention_mask"]).sum(axis=1)
+    for f in [k for k in batch if k.startswith(prefix) and np.ndim(batch[k]) == 2]:
+      out[f] = np.stack([np.roll(row, len(row) - k) for row, k in zip(batch[f], n)])
+  return out
+
+
+def layouts(records, packing=False, left=False):
+  unshared = batching.preference_batch(records, BUCKETS, PAD)
+  shared = batching.shared_preference_batch(records, BUCKETS, PAD, packing)
+  if left:
+    unshared = left_padded(unshared, ("chosen_", "rejected_"))
+    shared = left_padded(shared, ("",))
+  return jax.tree.map(jnp.asarray, unshared), jax.tree.map(jnp.asarray, shared)
+
+
+def dpo_loss(module, loss_type="sigmoid"):
+  cfg = PreferenceLossConfig(loss_type=loss_type, beta=0.5, sft_weight=0.3)
+
+  def fn(params, batch, ref):
+    stats = preference.pair_stats(module, params, batch, chunk_size=4)
+    (pc, pr), (nc, nr), (sc, sr) = (stats[k] for k in ("logps", "lengths", "logits_sum"))
+    return preference_loss(cfg, pc, pr, nc, nr, *ref, sc, sr)
+  return fn
+
+
+def assert_trees_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **TOL), a, b)
+
+
+def test_shared_group_layout_and_predecessors():
+  rec = pair_records(1)[0]
+  g = batching.shared_group(rec)
+  p = int(np.argmax(rec["chosen_mask"]))
+  lc, lr = len(rec["chosen_ids"]) - p, len(rec["rejected_ids"]) - p
+  np.testing.assert_array_equal(g["ids"], np.r_[rec["chosen_ids"], rec["rejected_ids"][p:]])
+  np.testing.assert_array_equal(g["branch"], [0] * p + [1] * lc + [2] * lr)
+  np.testing.assert_array_equal(g["positions"], np.r_[np.arange(p + lc), p + np.arange(lr)])
+  prev = np.asarray(predecessor_index(jnp.asarray(g["branch"])[None]))[0]
+  expected = np.r_[0, np.arange(p + lc - 1), p - 1, p + lc + np.arange(lr - 1)]
+  np.testing.assert_array_equal(prev, expected)
+
+
+# Each of packing / left padding / scanned layers on and off, in four runs (pairwise cover).
+@pytest.mark.parametrize("packing,left,scan", [(False, False, True), (True, True, True),
+                                               (True, False, False), (False, True, False)],
+                         ids=["rows-right-scan", "packed-left-scan", "packed-right-unrolled",
+                              "rows-left-unrolled"])
+def test_dpo_values_and_gradients_equal_unshared(packing, left, scan):
+  module, params = tiny(scan_layers=scan, remat_policy="full" if scan else "none")
+  unshared, shared = layouts(pair_records(empty_prompt_at=2), packing, left)
+  if packing:
+    assert shared["input_ids"].shape[0] < unshared["chosen_input_ids"].shape[0]
+  ref = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))
+  grad_fn = jax.jit(jax.value_and_grad(dpo_loss(module), has_aux=True))
+  (loss_u, m_u), g_u = grad_fn(params, unshared, ref)
+  (loss_s, m_s), g_s = grad_fn(params, shared, ref)
+  np.testing.assert_allclose(loss_s, loss_u, **TOL)
+  assert_trees_close(m_s, m_u)
+  assert_trees_close(g_s, g_u)
+
+
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "kto"])
+def test_every_pairwise_loss_type_equal_unshared(loss_type):
+  module, params = tiny()
+  unshared, shared = layouts(pair_records(seed=1), packing=True)
+  ref = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))
+  fn = jax.jit(dpo_loss(module, loss_type))
+  (loss_u, m_u), (loss_s, m_s) = fn(params, unshared, ref), fn(params, shared, ref)
+  np.testing.assert_allclose(loss_s, loss_u, **TOL)
+  assert_trees_close(m_s, m_u)
+
+
+def test_reference_logps_equal_unshared():
+  module, params = tiny(seed=3)
+  unshared, shared = layouts(pair_records(seed=2), packing=True)
+  assert_trees_close(preference.reference_logps(module, params, shared, 4),
+                     preference.reference_logps(module, params, unshared, 4))
+
+
+def test_lora_gradients_equal_unshared():
+  module, params = tiny(lora_alpha=8.0)
+  spec = lora.LoraSpec(rank=4, alpha=8.0)
+  adapters = jax.tree.map(lambda x: x + 0.05, lora.init_adapters(params, spec,
+                                                                 jax.random.PRNGKey(1)))
+  unshared, shared = layouts(pair_records(seed=4), packing=True)
+  ref = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))
+  loss = lambda a, batch: dpo_loss(module)(lora.combine(params, a), batch, ref)[0]
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  (lu, gu), (ls, gs) = grad_fn(adapters, unshared), grad_fn(adapters, shared)
+  np.testing.assert_allclose(ls, lu, **TOL)
+  assert_trees_close(gs, gu)
+
+
+def test_sliding_window_counts_positions_not_slots():
+  module, params = tiny(sliding_window=4)
+  unshared, shared = layouts(pair_records(seed=5), packing=True)
+  assert_trees_close(preference.reference_logps(module, params, shared, 4),
+                     preference.reference_logps(module, params, unshared, 4))
+
+
+def token_logprobs(module, params, batch):
+  stats = preference.model_token_stats(module, params, preference.shared_rows(batch),
+                                       targets_only=False)
+  return np.asarray(stats["logprobs"])
+
+
+def test_no_attention_leak_between_completions_or_groups():
+  module, params = tiny(seed=6)
+  _, shared = layouts(pair_records(seed=6), packing=True)
+  assert np.asarray(shared["segment_ids"]).max() > 1  # several groups in a row
+  before = token_logprobs(module, params, shared)
+  branch, pair = np.asarray(shared["branch_ids"]), np.asarray(shared["pair_ids"])
+  real = np.asarray(shared["attention_mask"]) > 0
+  predicted = real & (np.asarray(shared["positions"]) > 0)  # a group's first token has no prefix
+  # Rejected tokens of every pair; then every token of the groups other than pair 0's.
+  for changed, watched in ((branch == 2, branch == 1), ((pair != 0) & real, pair == 0)):
+    ids = np.where(changed, (np.asarray(shared["input_ids"]) + 7) % VOCAB, shared["input_ids"])
+    after = token_logprobs(module, params, {**shared, "input_ids": jnp.asarray(ids)})
+    np.testing.assert_array_equal(after[watched & predicted], before[watched & predicted])
+    assert not np.allclose(after[changed], before[changed])  # the changed tokens do move
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["rows", "packed"])
+def test_reward_model_pair_scores_and_gradients_equal_unshared(packing):
+  module, params = tiny(LlamaForScore, seed=7)
+  unshared, shared = layouts(pair_records(seed=7), packing)
+  loss = lambda p, batch: jnp.sum(jnp.stack(preference.pair_scores(module, p, batch)) ** 2)
+  scores_u, scores_s = (preference.pair_scores(module, params, b) for b in (unshared, shared))
+  assert_trees_close(scores_s, scores_u)
+  assert_trees_close(jax.grad(loss)(params, shared), jax.grad(loss)(params, unshared))
+
+
+def test_unshared_pairs_recover_the_records():
+  records = pair_records(seed=8, empty_prompt_at=0)
+  shared = batching.shared_preference_batch(records, BUCKETS, PAD, packing=True)
+  for rec, sides in zip(records, batching.unshared_pairs(shared)):
+    for side, (ids, loss_mask) in zip(("chosen", "rejected"), sides):
+      np.testing.assert_array_equal(ids, rec[side + "_ids"])
+      np.testing.assert_array_equal(loss_mask, rec[side + "_mask"])
+
+
+def test_reference_cache_keys_do_not_depend_on_the_layout():
+  from jaxpost.algos.ref_cache import pair_keys
+  records = pair_records(seed=9)
+  assert (pair_keys(batching.shared_preference_batch(records, BUCKETS, PAD, packing=True))
+          == pair_keys(batching.preference_batch(records, BUCKETS, PAD)))
