@@ -5,12 +5,19 @@ per-completion log-probs, DPO losses / metrics / gradients and reward-model scor
 rounding, on tiny random models.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxpost
 from jaxpost.algos import preference
+from jaxpost.configs import dpo as dpo_config
 from jaxpost.data import batching
 from jaxpost.losses.dpo import LOSS_TYPES, PreferenceLossConfig, preference_loss
 from jaxpost.losses.logprobs import predecessor_index
@@ -19,6 +26,7 @@ from jaxpost.models.config import LlamaConfig
 from jaxpost.models.heads import LlamaForScore
 from jaxpost.models.llama import LlamaForCausalLM, init_params
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, PAD = 128, 0
 BUCKETS = (16, 32, 48)
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -200,3 +208,57 @@ def test_reference_cache_keys_do_not_depend_on_the_layout():
   records = pair_records(seed=9)
   assert (pair_keys(batching.shared_preference_batch(records, BUCKETS, PAD, packing=True))
           == pair_keys(batching.preference_batch(records, BUCKETS, PAD)))
+
+
+# ---------------------------------------------------------------- through the training loop
+
+PAIRS = [{"prompt": f"Question {i}: is {i} a number, and is {i * 7} larger than {i + 3}?",
+          "chosen": "yes" if i % 2 else "yes, it is", "rejected": "no" if i % 3 else "no, never"}
+         for i in range(16)]
+RUN = {"max_steps": 3, "log_every": 1, "batch_size": 8, "checkpoint.every": -1, "data.eval": "",
+       "metrics.progress_bar": False, "metrics.tensorboard": False,
+       "optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-2}
+
+
+def run_metrics(workdir):
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def train_dpo(workdir, data, **overrides):
+  config = dpo_config.get_config("tiny")
+  config.update_from_flattened_dict({**RUN, "workdir": str(workdir), "data.train": data,
+                                     **overrides})
+  jaxpost.train(config)
+  return run_metrics(workdir)
+
+
+def assert_same_runs(a, b, keys=("loss", "rewards/margins", "logps/chosen", "logps/rejected")):
+  assert len(a) == len(b) == RUN["max_steps"]
+  for x, y in zip(a, b):
+    for key in keys:
+      assert x[key] == pytest.approx(y[key], rel=2e-5, abs=1e-6), key
+
+
+def test_runs_equal_unshared_packed_precomputed_and_on_eight_devices(tmp_path):
+  """DPO steps through the loop: unshared vs prefix-shared (packed, with the reference precomputed
+  once) on one device vs prefix-shared on 8 fake devices (data=2, fsdp=2, tensor=2)."""
+  data = tmp_path / "pairs.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  flags = {**RUN, "workdir": tmp_path / "eight", "data.train": data, "data.prefix_sharing": True,
+           "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+  eight = subprocess.Popen(
+      [sys.executable, "scripts/train.py", "--config=configs/dpo.py:tiny",
+       *(f"--config.{k}={v}" for k, v in flags.items())],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  unshared = train_dpo(tmp_path / "unshared", str(data), **{"data.prefix_sharing": False})
+  packed = train_dpo(tmp_path / "packed", str(data), **{"data.prefix_sharing": True,
+                                                       "data.packing": True,
+                                                       "precompute_ref": True})
+  _, err = eight.communicate(timeout=600)
+  assert eight.returncode == 0, err[-3000:]
+  assert "'data': 2, 'fsdp': 2, 'tensor': 2" in err
+  assert unshared[-1]["rewards/margins"] != 0.0
+  assert_same_runs(packed, unshared)
+  assert_same_runs(run_metrics(tmp_path / "eight"), unshared)

@@ -102,6 +102,9 @@ def _score_pairs(scorer, loader, ids: list[int], show_progress: bool) -> dict:
   for start in progress(starts, len(starts), "reference log-probs", show_progress):
     chunk = [records[i] for i in ids[start:start + size]]
     chunk = chunk + chunk[:1] * (size - len(chunk))  # a static batch size: pad by repeating
-    batch = batching.preference_batch(chunk, loader.buckets, loader.pad_id)
+    if getattr(loader, "prefix_sharing", False):
+      batch = batching.shared_preference_batch(chunk, loader.buckets, loader.pad_id)
+    else:
+      batch = batching.preference_batch(chunk, loader.buckets, loader.pad_id)
     table.update(zip(pair_keys(batch), zip(*scorer(batch))))
   return table
