@@ -286,3 +286,18 @@ def test_bundled_dpo_loss_and_gradients_equal_unshared():
   scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_u))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
                g_s, g_u)
+
+
+def test_bad_combinations_fail_naming_the_keys(tmp_path):
+  from jaxpost import configs
+  from jaxpost.train.validate import ConfigError, check
+  config = configs.get("dpo:tiny")
+  config.workdir, config.data.prefix_sharing, config.data.packing = str(tmp_path), True, True
+  check(config, num_devices=1)
+  with pytest.raises(ConfigError, match="config.data.packing=True with data.prefix_sharing"):
+    check(config, num_devices=2)
+  config.data.packing, config.grad_accum = False, 2
+  with pytest.raises(ConfigError, match="config.grad_accum=2 with config.data.prefix_sharing"):
+    check(config, num_devices=1)
+  config.grad_accum, config.algorithm, config.loss_type = 1, "kto", "kto"
+  check(config, num_devices=1)  # unpaired rows: the key does not apply
