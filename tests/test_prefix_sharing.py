@@ -242,12 +242,13 @@ def assert_same_runs(a, b, keys=("loss", "rewards/margins", "logps/chosen", "log
 
 def test_runs_equal_unshared_packed_precomputed_and_on_eight_devices(tmp_path):
   """DPO steps through the loop: unshared vs prefix-shared (packed, with the reference precomputed
-  once) on one device vs prefix-shared on 8 fake devices (data=2, fsdp=2, tensor=2)."""
+  once) on one device vs prefix-shared on 8 fake devices (data=2, fsdp=2, tensor=2) in 2
+  microbatches."""
   data = tmp_path / "pairs.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   flags = {**RUN, "workdir": tmp_path / "eight", "data.train": data, "data.prefix_sharing": True,
-           "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
+           "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "grad_accum": 2}
   eight = subprocess.Popen(
       [sys.executable, "scripts/train.py", "--config=configs/dpo.py:tiny",
        *(f"--config.{k}={v}" for k, v in flags.items())],
@@ -296,8 +297,11 @@ def test_bad_combinations_fail_naming_the_keys(tmp_path):
   check(config, num_devices=1)
   with pytest.raises(ConfigError, match="config.data.packing=True with data.prefix_sharing"):
     check(config, num_devices=2)
-  config.data.packing, config.grad_accum = False, 2
-  with pytest.raises(ConfigError, match="config.grad_accum=2 with config.data.prefix_sharing"):
+  config.grad_accum = 2
+  with pytest.raises(ConfigError, match="config.grad_accum=2 with config.data.packing=True and"):
     check(config, num_devices=1)
-  config.grad_accum, config.algorithm, config.loss_type = 1, "kto", "kto"
-  check(config, num_devices=1)  # unpaired rows: the key does not apply
+  config.data.packing = False
+  check(config, num_devices=2)  # one pair per row: microbatches and shards as unshared
+  config.data.packing, config.algorithm, config.loss_type = True, "kto", "kto"
+  with pytest.raises(ConfigError, match="config.data.packing is for SFT batches and"):
+    check(config, num_devices=1)  # unpaired rows are not shared, so not packed

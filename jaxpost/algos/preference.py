@@ -6,9 +6,10 @@ into the per-sequence inputs of those losses:
 * Pairs (`chosen_*` / `rejected_*` fields, DESIGN "Batches") go through the model in ONE forward
   of 2B rows (chosen rows first), then split; each side gives summed completion log-probs, its
   completion length (trainable tokens) and its sum of vocabulary-mean logits (`logits/*`).
-  Prefix-shared pairs (`branch_ids` / `pair_ids` fields, data/batching.py) go through one forward
-  of their `[prompt | chosen | rejected]` rows, and each completion's sums are collected by pair
-  id and branch (`completion_sums`): the same numbers with the prompt computed once.
+  Prefix-shared pairs (`branch_ids` field, data/batching.py) go through one forward of their
+  `[prompt | chosen | rejected]` rows, and each completion's sums are collected by branch, per
+  row or, packed, by `pair_ids` (`completion_sums`): the same numbers with the prompt computed
+  once.
 * Reference log-probs come from the frozen tree `frozen["ref"]` under `stop_gradient` (the initial
   policy by default, `config.ref.name_or_path` otherwise), or, when the batch carries them
   (`ref_chosen_logps` / `ref_rejected_logps`, e.g. precomputed once and cached), from the batch.
@@ -56,11 +57,20 @@ def shared_rows(batch: dict) -> dict:
 
 def completion_sums(values, batch: dict):
   """(chosen, rejected) [B] sums of the per-token `values` [R, T] of a prefix-shared batch over
-  each pair's chosen / rejected tokens (by `pair_ids` and `branch_ids`)."""
+  each pair's chosen / rejected tokens (by `branch_ids`; row b is pair b, or by `pair_ids` when
+  packed)."""
+  return _per_pair(jax.ops.segment_sum, lambda side: values * (batch["branch_ids"] == side),
+                   batch, jnp.sum)
+
+
+def _per_pair(segment_reduce, per_side, batch: dict, row_reduce):
+  """(chosen, rejected) [B]: `row_reduce` over each row's entries of `per_side(side)` [R, T]
+  (one pair per row), or `segment_reduce` over the entries of each pair (packed rows)."""
+  if "pair_ids" not in batch:
+    return tuple(row_reduce(per_side(side), axis=-1) for side in (CHOSEN, REJECTED))
   num_pairs = batch["margin"].shape[0]
-  flat = lambda x: x.reshape(-1)
-  pair, branch = flat(batch["pair_ids"]), flat(batch["branch_ids"])
-  return tuple(jax.ops.segment_sum(flat(values) * (branch == side), pair, num_pairs + 1)[:-1]
+  pair = batch["pair_ids"].reshape(-1)
+  return tuple(segment_reduce(per_side(side).reshape(-1), pair, num_pairs + 1)[:-1]
                for side in (CHOSEN, REJECTED))
 
 
@@ -206,11 +216,10 @@ def pair_scores(module, params, batch: dict, dropout_rng=None):
 def _last_completion_slots(batch: dict):
   """(chosen, rejected) [B] flat indices (row * T + t) of each pair's last chosen / rejected
   token in a prefix-shared batch."""
-  num_pairs = batch["margin"].shape[0]
-  pair, branch = batch["pair_ids"].reshape(-1), batch["branch_ids"].reshape(-1)
-  slots = jnp.arange(pair.shape[0])
-  return tuple(jax.ops.segment_max(jnp.where(branch == side, slots, -1), pair,
-                                   num_pairs + 1)[:-1] for side in (CHOSEN, REJECTED))
+  branch = batch["branch_ids"]
+  slots = jnp.arange(branch.size).reshape(branch.shape)
+  return _per_pair(jax.ops.segment_max, lambda side: jnp.where(branch == side, slots, -1),
+                   batch, jnp.max)
 
 
 def reward_loss_fn(params, frozen, batch, rng, ctx):

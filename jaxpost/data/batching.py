@@ -19,12 +19,14 @@ as ONE group `[prompt | chosen | rejected]` (the prompt once: the two records' c
 before their first trained token), with the five fields plus
 
     branch_ids      0 on the prompt (and padding), 1 on chosen, 2 on rejected tokens
-    pair_ids        index b of the pair a token belongs to, B on padding
 
 and positions continuing from the prompt's end in both completions; `margin` stays [B]. One group
-per row, or with `data.packing` several groups per row (first-fit-decreasing, a group never
-split; segment ids keep groups apart) and the row count cut to the smallest B / 2^k that holds
-them. Row length: the smallest of `shared_buckets` that fits the longest group (a group can be
+per row (row b = pair b, so the rows split into microbatches and shards like the pairs), or with
+`data.packing` several groups per row (first-fit-decreasing, a group never split; segment ids
+keep groups apart), the row count cut to the smallest B / 2^k that holds them, and
+
+    pair_ids        index b of the pair a token belongs to, B on padding (packed only)
+ Row length: the smallest of `shared_buckets` that fits the longest group (a group can be
 up to 2 x max_length tokens), at least max_length when packed.
 
 Packing (SFT) puts several examples in one row of length T by first-fit-decreasing: items are
@@ -145,14 +147,16 @@ def shared_preference_batch(records: Sequence[dict], buckets: Sequence[int], pad
     bins += [[] for _ in range(rows - len(bins))]
   out = pack_rows([[(groups[i]["ids"], groups[i]["mask"]) for i in x] for x in bins], T, pad_id)
   out["branch_ids"] = np.zeros_like(out["input_ids"])
-  out["pair_ids"] = np.full_like(out["input_ids"], b)
+  pair_ids = np.full_like(out["input_ids"], b)
   for r, x in enumerate(bins):
     start = 0
     for i in x:
       sl = (r, slice(start, start + lengths[i]))
       out["branch_ids"][sl], out["positions"][sl] = groups[i]["branch"], groups[i]["positions"]
-      out["pair_ids"][sl] = i
+      pair_ids[sl] = i
       start += lengths[i]
+  if packing:
+    out["pair_ids"] = pair_ids
   out["margin"] = np.asarray([r["margin"] for r in records], np.float32)
   return out
 
@@ -160,8 +164,10 @@ def shared_preference_batch(records: Sequence[dict], buckets: Sequence[int], pad
 def unshared_pairs(batch: dict) -> list[tuple[tuple[np.ndarray, np.ndarray], ...]]:
   """The pairs of a (host, numpy) prefix-shared batch as they are unshared: for each pair b,
   ((chosen ids, chosen loss mask), (rejected ids, rejected loss mask)) of prompt + completion."""
-  pair_ids, branch = np.asarray(batch["pair_ids"]), np.asarray(batch["branch_ids"])
+  branch, real = np.asarray(batch["branch_ids"]), np.asarray(batch["attention_mask"]) > 0
   ids, loss_mask = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
+  rows = np.arange(len(ids))[:, None]
+  pair_ids = np.asarray(batch["pair_ids"]) if "pair_ids" in batch else np.where(real, rows, -1)
   out = []
   for b in range(len(batch["margin"])):
     mine = pair_ids == b

@@ -127,15 +127,15 @@ def _check_batch_split(config, num_devices: int, num_processes: int):
 
 
 def _check_shared_split(config, accum: int, parallel: int):
-  """Prefix-shared pair batches keep a pair's completions in its prompt's row, so they are not
-  split into microbatches; packed, their row count varies (down to 1), so they are not sharded."""
-  shared = (config.data.get("prefix_sharing", False)
+  """Packed prefix-shared pair rows hold several pairs each and vary in number (down to 1), so
+  they are neither split into microbatches nor sharded."""
+  packed = (config.data.get("prefix_sharing", False) and config.data.packing
             and algorithms.get(config.algorithm).loader_kind == "preference")
-  if shared and accum > 1:
-    raise ConfigError(f"config.grad_accum={accum} with config.data.prefix_sharing=True: "
-                      "prefix-shared pairs are not split into microbatches; set grad_accum=1 "
-                      "(sharing already halves the rows) or data.prefix_sharing=False")
-  if shared and config.data.packing and parallel > 1:
+  if packed and accum > 1:
+    raise ConfigError(f"config.grad_accum={accum} with config.data.packing=True and "
+                      "data.prefix_sharing=True: packed pair rows are not split into "
+                      "microbatches; set grad_accum=1 or data.packing=False")
+  if packed and parallel > 1:
     raise ConfigError(f"config.data.packing=True with data.prefix_sharing=True runs on one "
                       f"data-parallel device (config.mesh gives {parallel}); set data.packing="
                       "False to shard one pair per row")
