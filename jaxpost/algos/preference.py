@@ -6,6 +6,10 @@ into the per-sequence inputs of those losses:
 * Pairs (`chosen_*` / `rejected_*` fields, DESIGN "Batches") go through the model in ONE forward
   of 2B rows (chosen rows first), then split; each side gives summed completion log-probs, its
   completion length (trainable tokens) and its sum of vocabulary-mean logits (`logits/*`).
+  Prefix-shared pairs (`branch_ids` field, data/batching.py) go through one forward of their
+  `[prompt | chosen | rejected]` rows, and each completion's sums are collected by branch, per
+  row or, packed, by `pair_ids` (`completion_sums`): the same numbers with the prompt computed
+  once.
 * Reference log-probs come from the frozen tree `frozen["ref"]` under `stop_gradient` (the initial
   policy by default, `config.ref.name_or_path` otherwise), or, when the batch carries them
   (`ref_chosen_logps` / `ref_rejected_logps`, e.g. precomputed once and cached), from the batch.
@@ -31,6 +35,8 @@ from jaxpost.models.heads import last_token_scores
 from jaxpost.train.algorithms import Algorithm, SetupContext, register
 
 FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss_mask")
+SHARED_FIELDS = FIELDS + ("branch_ids",)
+CHOSEN, REJECTED = 1, 2  # branch ids of a prefix-shared group (data/batching.py)
 
 
 def concat_pairs(batch: dict) -> dict:
@@ -39,14 +45,60 @@ def concat_pairs(batch: dict) -> dict:
           for f in FIELDS if "chosen_" + f in batch}
 
 
+def is_shared(batch: dict) -> bool:
+  """True for a prefix-shared pair batch (data.prefix_sharing)."""
+  return "branch_ids" in batch
+
+
+def shared_rows(batch: dict) -> dict:
+  """The row fields of a prefix-shared pair batch, [R, T] each."""
+  return {f: batch[f] for f in SHARED_FIELDS if f in batch}
+
+
+def completion_sums(values, batch: dict):
+  """(chosen, rejected) [B] sums of the per-token `values` [R, T] of a prefix-shared batch over
+  each pair's chosen / rejected tokens (by `branch_ids`; row b is pair b, or by `pair_ids` when
+  packed)."""
+  return _per_pair(jax.ops.segment_sum, lambda side: values * (batch["branch_ids"] == side),
+                   batch, jnp.sum)
+
+
+def _per_pair(segment_reduce, per_side, batch: dict, row_reduce):
+  """(chosen, rejected) [B]: `row_reduce` over each row's entries of `per_side(side)` [R, T]
+  (one pair per row), or `segment_reduce` over the entries of each pair (packed rows)."""
+  if "pair_ids" not in batch:
+    return tuple(row_reduce(per_side(side), axis=-1) for side in (CHOSEN, REJECTED))
+  num_pairs = batch["margin"].shape[0]
+  pair = batch["pair_ids"].reshape(-1)
+  return tuple(segment_reduce(per_side(side).reshape(-1), pair, num_pairs + 1)[:-1]
+               for side in (CHOSEN, REJECTED))
+
+
+def _masked_token_sums(stats: dict, mask) -> dict:
+  """Per-token summands of `logps`, `lengths` and `logits_sum` (module docstring)."""
+  return {"logps": stats["logprobs"] * mask, "lengths": mask,
+          "logits_sum": stats["logit_mean"] * mask}
+
+
 def sequence_stats(model, params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE,
                    dropout_rng=None) -> dict:
   """Per-row `logps` (sum over loss_mask), `lengths` and `logits_sum` of a causal LM, fp32 [B]."""
   stats = model_token_stats(model, params, batch, chunk_size=chunk_size, dropout_rng=dropout_rng)
-  mask = batch["loss_mask"].astype(jnp.float32)
-  return {"logps": jnp.sum(stats["logprobs"] * mask, axis=-1),
-          "lengths": jnp.sum(mask, axis=-1),
-          "logits_sum": jnp.sum(stats["logit_mean"] * mask, axis=-1)}
+  sums = _masked_token_sums(stats, batch["loss_mask"].astype(jnp.float32))
+  return {k: jnp.sum(v, axis=-1) for k, v in sums.items()}
+
+
+def pair_stats(model, params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE,
+               dropout_rng=None) -> dict:
+  """`sequence_stats` of both sides of a pair batch: {name: (chosen [B], rejected [B])}, from
+  one forward of the 2B unshared rows or of the prefix-shared rows."""
+  if not is_shared(batch):
+    stats = sequence_stats(model, params, concat_pairs(batch), chunk_size, dropout_rng)
+    return {k: tuple(jnp.split(v, 2)) for k, v in stats.items()}
+  rows = shared_rows(batch)
+  stats = model_token_stats(model, params, rows, chunk_size=chunk_size, dropout_rng=dropout_rng)
+  sums = _masked_token_sums(stats, rows["loss_mask"].astype(jnp.float32))
+  return {k: completion_sums(v, batch) for k, v in sums.items()}
 
 
 def _chunk(config) -> int:
@@ -60,9 +112,8 @@ def _dropout_rng(rng, ctx):
 
 def reference_logps(module, ref_params, batch: dict, chunk_size: int = DEFAULT_CHUNK_SIZE):
   """(ref_chosen_logps, ref_rejected_logps) [B] of a pair batch, without gradient."""
-  stats = sequence_stats(module, jax.lax.stop_gradient(ref_params), concat_pairs(batch),
-                         chunk_size)
-  return tuple(jnp.split(jax.lax.stop_gradient(stats["logps"]), 2))
+  stats = pair_stats(module, jax.lax.stop_gradient(ref_params), batch, chunk_size)
+  return tuple(jax.lax.stop_gradient(x) for x in stats["logps"])
 
 
 def _batch_reference(batch, frozen, ctx):
@@ -99,10 +150,8 @@ def check_preference_keys(config, paired: bool):
 def dpo_loss_fn(params, frozen, batch, rng, ctx):
   """Loop loss for `config.algorithm="dpo"` (pairwise loss types); see the module docstring."""
   cfg = loss_config(ctx.config, paired=True)
-  stats = sequence_stats(ctx.model, params, concat_pairs(batch), _chunk(ctx.config),
-                         _dropout_rng(rng, ctx))
-  (pc, pr), (nc, nr), (sc, sr) = (jnp.split(stats[k], 2) for k in ("logps", "lengths",
-                                                                     "logits_sum"))
+  stats = pair_stats(ctx.model, params, batch, _chunk(ctx.config), _dropout_rng(rng, ctx))
+  (pc, pr), (nc, nr), (sc, sr) = (stats[k] for k in ("logps", "lengths", "logits_sum"))
   rc, rr = _batch_reference(batch, frozen, ctx)
   return preference_loss(cfg, pc, pr, nc, nr, rc, rr, jax.lax.stop_gradient(sc),
                          jax.lax.stop_gradient(sr))
@@ -152,12 +201,25 @@ def kto_loss_fn(params, frozen, batch, rng, ctx):
 
 
 def pair_scores(module, params, batch: dict, dropout_rng=None):
-  """(chosen, rejected) scalar rewards [B] of a scalar-head model: one forward over 2B rows."""
-  rows = concat_pairs(batch)
+  """(chosen, rejected) scalar rewards [B] of a scalar-head model: one forward over 2B rows, or
+  over the prefix-shared rows (each completion's score at its own last token)."""
+  rows = shared_rows(batch) if is_shared(batch) else concat_pairs(batch)
   rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
   scores = module.apply({"params": params}, rows["input_ids"], rows["attention_mask"],
-                        rows.get("positions"), rows.get("segment_ids"), rngs=rngs)
-  return tuple(jnp.split(last_token_scores(scores, rows["attention_mask"]), 2))
+                        rows.get("positions"), rows.get("segment_ids"), rows.get("branch_ids"),
+                        rngs=rngs)
+  if not is_shared(batch):
+    return tuple(jnp.split(last_token_scores(scores, rows["attention_mask"]), 2))
+  return tuple(scores.reshape(-1)[i] for i in _last_completion_slots(batch))
+
+
+def _last_completion_slots(batch: dict):
+  """(chosen, rejected) [B] flat indices (row * T + t) of each pair's last chosen / rejected
+  token in a prefix-shared batch."""
+  branch = batch["branch_ids"]
+  slots = jnp.arange(branch.size).reshape(branch.shape)
+  return _per_pair(jax.ops.segment_max, lambda side: jnp.where(branch == side, slots, -1),
+                   batch, jnp.max)
 
 
 def reward_loss_fn(params, frozen, batch, rng, ctx):

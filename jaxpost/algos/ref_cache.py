@@ -34,15 +34,22 @@ def _row_key(ids: np.ndarray, mask: np.ndarray, loss_mask: np.ndarray) -> bytes:
 
 
 def pair_keys(batch: dict) -> list[str]:
-  """One content key per row of a (host, numpy) pair batch; independent of the padding."""
-  keys = []
-  for i in range(len(batch["chosen_input_ids"])):
-    h = hashlib.sha1()
-    for side in ("chosen_", "rejected_"):
-      h.update(_row_key(*(np.asarray(batch[side + f][i]) for f in
-                          ("input_ids", "attention_mask", "loss_mask"))))
-    keys.append(h.hexdigest())
-  return keys
+  """One content key per pair of a (host, numpy) pair batch; independent of the padding and of
+  the layout (a prefix-shared pair gets the key of its unshared rows)."""
+  if "branch_ids" in batch:
+    return [_pair_key([_row_key(ids, np.ones_like(ids), loss) for ids, loss in sides])
+            for sides in batching.unshared_pairs(batch)]
+  return [_pair_key([_row_key(*(np.asarray(batch[side + f][i]) for f in
+                                ("input_ids", "attention_mask", "loss_mask")))
+                     for side in ("chosen_", "rejected_")])
+          for i in range(len(batch["chosen_input_ids"]))]
+
+
+def _pair_key(row_keys) -> str:
+  h = hashlib.sha1()
+  for key in row_keys:
+    h.update(key)
+  return h.hexdigest()
 
 
 class RefCache:
@@ -95,6 +102,9 @@ def _score_pairs(scorer, loader, ids: list[int], show_progress: bool) -> dict:
   for start in progress(starts, len(starts), "reference log-probs", show_progress):
     chunk = [records[i] for i in ids[start:start + size]]
     chunk = chunk + chunk[:1] * (size - len(chunk))  # a static batch size: pad by repeating
-    batch = batching.preference_batch(chunk, loader.buckets, loader.pad_id)
+    if getattr(loader, "prefix_sharing", False):
+      batch = batching.shared_preference_batch(chunk, loader.buckets, loader.pad_id)
+    else:
+      batch = batching.preference_batch(chunk, loader.buckets, loader.pad_id)
     table.update(zip(pair_keys(batch), zip(*scorer(batch))))
   return table

@@ -14,6 +14,21 @@ Preference batches carry the five fields prefixed `chosen_`/`rejected_` (one T f
 float32 `margin` [B] (NaN = none); unpaired batches add `label` [B]; prompt batches are LEFT-padded
 `prompt_input_ids`/`prompt_attention_mask` plus `row` [B], the example index.
 
+Prefix-shared preference batches (`data.prefix_sharing`; DESIGN "Prefix sharing") lay each pair
+as ONE group `[prompt | chosen | rejected]` (the prompt once: the two records' common prefix
+before their first trained token), with the five fields plus
+
+    branch_ids      0 on the prompt (and padding), 1 on chosen, 2 on rejected tokens
+
+and positions continuing from the prompt's end in both completions; `margin` stays [B]. One group
+per row (row b = pair b, so the rows split into microbatches and shards like the pairs), or with
+`data.packing` several groups per row (first-fit-decreasing, a group never split; segment ids
+keep groups apart), the row count cut to the smallest B / 2^k that holds them, and
+
+    pair_ids        index b of the pair a token belongs to, B on padding (packed only)
+ Row length: the smallest of `shared_buckets` that fits the longest group (a group can be
+up to 2 x max_length tokens), at least max_length when packed.
+
 Packing (SFT) puts several examples in one row of length T by first-fit-decreasing: items are
 placed longest first into the first row with room (carried-over items first, so none waits
 forever); attention never crosses segment ids and positions restart per segment.
@@ -24,6 +39,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import numpy as np
+
+from jaxpost.data.chat import common_prefix
 
 FIELDS = ("input_ids", "attention_mask", "positions", "segment_ids", "loss_mask")
 
@@ -103,6 +120,75 @@ def ffd_pack(lengths: Sequence[int], capacity: int, n_bins: int, n_first: int = 
         placed.add(i)
         break
   return bins, [i for i in range(len(lengths)) if i not in placed]
+
+
+def shared_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+  """Row lengths of prefix-shared batches: the buckets and their doubles (a group holds a prompt
+  and two completions: at most 2 x max_length tokens)."""
+  return tuple(sorted(set(buckets) | {2 * b for b in buckets}))
+
+
+def shared_group(record: dict) -> dict:
+  """One pair as a `[prompt | chosen | rejected]` group: numpy arrays ids, mask, branch,
+  positions. The prompt is the records' common prefix before either's first trained token."""
+  c_ids, r_ids = record["chosen_ids"], record["rejected_ids"]
+  c_mask, r_mask = record["chosen_mask"], record["rejected_mask"]
+  p = min(common_prefix(c_ids.tolist(), r_ids.tolist()), int(np.argmax(c_mask > 0)),
+          int(np.argmax(r_mask > 0)))
+  lc, lr = len(c_ids) - p, len(r_ids) - p
+  return {"ids": np.concatenate([c_ids, r_ids[p:]]),
+          "mask": np.concatenate([c_mask, r_mask[p:]]),
+          "branch": np.repeat(np.asarray([0, 1, 2], np.int32), [p, lc, lr]),
+          "positions": np.concatenate([np.arange(p + lc), p + np.arange(lr)])}
+
+
+def shared_preference_batch(records: Sequence[dict], buckets: Sequence[int], pad_id: int,
+                            packing: bool = False) -> dict:
+  """A prefix-shared pair batch (module docstring) of the B `records`."""
+  groups = [shared_group(r) for r in records]
+  lengths = [len(g["ids"]) for g in groups]
+  T = bucket_for(max(lengths), shared_buckets(buckets))
+  b = len(records)
+  bins = [[i] for i in range(b)]
+  if packing:
+    T = max(T, buckets[-1])
+    bins = [x for x in ffd_pack(lengths, T, b)[0] if x]
+    rows = b
+    while rows % 2 == 0 and rows // 2 >= len(bins):
+      rows //= 2
+    bins += [[] for _ in range(rows - len(bins))]
+  out = pack_rows([[(groups[i]["ids"], groups[i]["mask"]) for i in x] for x in bins], T, pad_id)
+  out["branch_ids"] = np.zeros_like(out["input_ids"])
+  pair_ids = np.full_like(out["input_ids"], b)
+  for r, x in enumerate(bins):
+    start = 0
+    for i in x:
+      sl = (r, slice(start, start + lengths[i]))
+      out["branch_ids"][sl], out["positions"][sl] = groups[i]["branch"], groups[i]["positions"]
+      pair_ids[sl] = i
+      start += lengths[i]
+  if packing:
+    out["pair_ids"] = pair_ids
+  out["margin"] = np.asarray([r["margin"] for r in records], np.float32)
+  return out
+
+
+def unshared_pairs(batch: dict) -> list[tuple[tuple[np.ndarray, np.ndarray], ...]]:
+  """The pairs of a (host, numpy) prefix-shared batch as they are unshared: for each pair b,
+  ((chosen ids, chosen loss mask), (rejected ids, rejected loss mask)) of prompt + completion."""
+  branch, real = np.asarray(batch["branch_ids"]), np.asarray(batch["attention_mask"]) > 0
+  ids, loss_mask = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
+  rows = np.arange(len(ids))[:, None]
+  pair_ids = np.asarray(batch["pair_ids"]) if "pair_ids" in batch else np.where(real, rows, -1)
+  out = []
+  for b in range(len(batch["margin"])):
+    mine = pair_ids == b
+    sides = []
+    for side in (1, 2):
+      take = mine & ((branch == 0) | (branch == side))
+      sides.append((ids[take], loss_mask[take]))
+    out.append(tuple(sides))
+  return out
 
 
 def sft_batch(records: Sequence[dict], buckets: Sequence[int], pad_id: int) -> dict:

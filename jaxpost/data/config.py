@@ -39,7 +39,10 @@ KEYS = {  # data.<key>: doc
     "truncation_mode": "which end of a prompt / unsplit sequence is kept: keep_end | keep_start",
     "buckets": "padded lengths of batches (None: multiples of max_length / 8, rounded up to "
                "a multiple of 8)",
-    "packing": "SFT only: first-fit-decreasing packing of examples into rows of max_length",
+    "packing": "first-fit-decreasing packing of SFT examples into rows of max_length (and of "
+               "prefix-shared pair groups into rows, data.prefix_sharing)",
+    "prefix_sharing": "preference pairs (DPO family, reward models) as one [prompt | chosen | "
+                      "rejected] row each, the prompt computed once (DESIGN 'Prefix sharing')",
     "train_on": "trained tokens: all_assistant | last_assistant (assistant turns; TRL's "
                 "assistant_only_loss / completion_only_loss) | all (every token but padding, "
                 "TRL's default)",
@@ -71,6 +74,7 @@ def data_defaults() -> ml_collections.ConfigDict:
   c.truncation_mode = "keep_end"
   c.buckets = None
   c.packing = False
+  c.prefix_sharing = False
   c.train_on = "all_assistant"
   c.chat_template = None
   c.system_prompt = None

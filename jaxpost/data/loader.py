@@ -104,12 +104,12 @@ class Loader:
 
   def __init__(self, table: Table, stream: Stream, kind: str, batch_size: int, buckets,
                pad_id: int, packing: bool, process_index: int, process_count: int,
-               prefetch: int = 2):
+               prefetch: int = 2, prefix_sharing: bool = False):
     if batch_size % process_count:
       raise ValueError(f"batch_size={batch_size} is not divisible by process_count="
                        f"{process_count}")
-    if packing and kind != "sft":
-      raise ValueError(f"data.packing is for SFT batches only (kind={kind!r})")
+    self.prefix_sharing = prefix_sharing and kind == "preference"
+    check_packing(kind, packing, self.prefix_sharing, process_count)
     self.table, self.stream, self.kind = table, stream, kind
     self.batch_size, self.buckets, self.pad_id, self.packing = batch_size, buckets, pad_id, packing
     self.local_rows = slice(process_index * batch_size // process_count,
@@ -134,7 +134,7 @@ class Loader:
   def steps_for(self, epochs: float) -> int:
     """Steps that draw `epochs` epochs: ceil(epochs x E / batch_size); with packing a batch
     holds about batch_size x T tokens, so ceil(epochs x tokens / (batch_size x T))."""
-    if not self.packing:
+    if not self.packing or self.prefix_sharing:
       return max(1, math.ceil(epochs * self.stream.epoch_size / self.batch_size))
     tokens = sum(len(self.table.records[i]["ids"]) for i in self.stream.epoch(0))
     return max(1, math.ceil(epochs * tokens / (self.batch_size * self.buckets[-1])))
@@ -149,6 +149,7 @@ class Loader:
     mismatch on resume can say which differs)."""
     lengths = [sum(len(v) for k, v in r.items() if k.endswith("ids")) for r in self.table.records]
     return {"kind": self.kind, "batch_size": self.batch_size, "packing": self.packing,
+            "prefix_sharing": self.prefix_sharing,
             "seed": self.stream.seed, "examples_per_source_per_epoch": self.stream.draws,
             "shuffle": self.stream.shuffle, "buckets": list(self.buckets),
             "example_lengths_sha1": hashlib.sha1(np.asarray(lengths, np.int64).tobytes())
@@ -177,7 +178,12 @@ class Loader:
     """(global batch, next state): a pure function of the state."""
     cursor, deferred = state["cursor"], list(state["deferred"])
     recs = self.table.records
-    if self.packing:
+    if self.prefix_sharing:
+      ids = self.stream.take(cursor, self.batch_size)
+      cursor += self.batch_size
+      batch = batching.shared_preference_batch([recs[i] for i in ids], self.buckets,
+                                               self.pad_id, self.packing)
+    elif self.packing:
       T = self.buckets[-1]
       ids, total = deferred, sum(len(recs[i]["ids"]) for i in deferred)
       while total < self.batch_size * T:
@@ -270,7 +276,19 @@ def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
                   bool(cfg["shuffle"]) and split == "train")
   buckets = batching.resolve_buckets(cfg["buckets"], cfg["max_length"])
   return Loader(table, stream, kind, batch_size, buckets, ct.pad_id, bool(cfg["packing"]),
-                process_index, process_count, int(cfg["prefetch"]))
+                process_index, process_count, int(cfg["prefetch"]), bool(cfg["prefix_sharing"]))
+
+
+def check_packing(kind: str, packing: bool, prefix_sharing: bool, process_count: int = 1):
+  """data.packing is for SFT rows, and for prefix-shared pairs on one process (packed pair rows
+  do not split into equal per-process shares)."""
+  if packing and kind == "preference" and prefix_sharing:
+    if process_count > 1:
+      raise ValueError("data.packing=True with data.prefix_sharing=True runs on one process "
+                       f"only (got {process_count}); set data.packing=False")
+  elif packing and kind != "sft":
+    raise ValueError(f"data.packing is for SFT batches and prefix-shared preference pairs only "
+                     f"(kind={kind!r}, data.prefix_sharing={prefix_sharing})")
 
 
 def make_loader(config, tokenizer, vocab_size: int, kind: str, split: str, process_index: int,

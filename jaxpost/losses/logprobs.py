@@ -33,6 +33,11 @@ states, permuted and chunked with the student's) whose logits the function compu
 vocabulary-wide terms such as a distillation KL (losses/distill.py) never hold more than one
 chunk of either model's logits. `token_stats` is `chunked_head` of `_chunk_stats`.
 
+Prefix-shared rows (`branch_ids`, models/llama.py): token t of a completion is predicted from
+the previous slot of its own branch, or from the last prompt slot for a completion's first token
+when another completion precedes it in the row (`predecessor_index`); the hidden states are
+gathered at those slots instead of shifted by one.
+
 `token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy, entropy, mean
 logit); they carry no gradient.
 """
@@ -121,9 +126,23 @@ def _live_chunks_bwd(chunk_fn, res, cotangents):
 _live_chunks.defvjp(_live_chunks_fwd, _live_chunks_bwd)
 
 
+def predecessor_index(branch_ids):
+  """[B, T] int32: the slot whose hidden state predicts token t of a prefix-shared row.
+
+  t - 1, except at the first token of a completion that follows another completion (branch of
+  t - 1 neither 0 nor t's), where it is the last prompt (branch 0) slot before t."""
+  t = branch_ids.shape[1]
+  slots = jnp.arange(t)
+  last_prompt = jax.lax.cummax(jnp.where(branch_ids == 0, slots, 0), axis=1)
+  before = jnp.concatenate([jnp.zeros_like(branch_ids[:, :1]), branch_ids[:, :-1]], axis=1)
+  continues = (branch_ids == 0) | (before == 0) | (before == branch_ids)
+  return jnp.where(continues, jnp.maximum(slots - 1, 0), last_prompt).astype(jnp.int32)
+
+
 def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None, groups: Optional[int] = None,
-                 context: Optional[dict] = None, consts: Optional[dict] = None) -> dict:
+                 context: Optional[dict] = None, consts: Optional[dict] = None,
+                 branch_ids=None) -> dict:
   """`chunk_fn(h, kernel, ids, context, consts) -> {name: [G, C] fp32}` at every wanted position
   t >= 1 of the batch, chunk by chunk (module docstring), as {name: [B, T]} with 0 elsewhere.
 
@@ -131,7 +150,7 @@ def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
   context[k][:, t - 1] for each entry [B, T, ...] of `context` (e.g. a frozen teacher's hidden
   states, read at the same predicting position); `consts` (a dict of arrays: a teacher's
   kernel, a temperature) is passed whole. Gradients flow to `hidden` and `kernel` only, through
-  a backward pass that recomputes each chunk. `chunk_size`, `mask`, `groups`: see
+  a backward pass that recomputes each chunk. `chunk_size`, `mask`, `groups`, `branch_ids`: see
   `token_stats`."""
   b, t, _ = hidden.shape
   if input_ids.shape != (b, t):
@@ -144,8 +163,14 @@ def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
   wanted = jnp.broadcast_to(jnp.arange(t) > 0, (b, t))
   if mask is not None:
     wanted = wanted & (mask > 0)
-  # Position t is predicted from hidden t-1: shift right by one (zeros at t=0).
-  shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+  # Position t is predicted from hidden t-1: shift right by one (zeros at t=0); prefix-shared
+  # rows gather at each token's predecessor slot instead (t=0 is never wanted).
+  if branch_ids is None:
+    shift = lambda x: jnp.concatenate([jnp.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+  else:
+    source = predecessor_index(branch_ids)
+    shift = lambda x: jnp.take_along_axis(
+        x, source.reshape(source.shape + (1,) * (x.ndim - 2)), axis=1)
   grouped = lambda x: x.reshape(groups, -1, *x.shape[2:])  # [G, (B / G) * T, ...]
   context = {k: grouped(shift(v)) for k, v in (context or {}).items()}
   out = _compacted(chunk_fn, grouped(shift(hidden)), kernel, grouped(input_ids), context,
@@ -154,7 +179,7 @@ def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
 
 
 def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
-                groups: Optional[int] = None, temperature: float = 1.0) -> dict:
+                groups: Optional[int] = None, temperature: float = 1.0, branch_ids=None) -> dict:
   """Per-token stats [B, T] (fp32): `logprobs` (differentiable), `correct`, `entropy`,
   `logit_mean` — all describing the prediction of input_ids[:, t] from hidden[:, t-1]; 0 at t=0.
 
@@ -162,10 +187,12 @@ def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE,
   `mask` [B, T] (optional): stats only where mask > 0, 0 elsewhere; the LM head runs only on the
   chunks needed for them. `groups` (dividing B): the wanted positions are packed within that many
   groups of consecutive rows; None picks 1 on one device, B on several (module docstring).
-  `temperature` T > 0: the stats are those of softmax(logits / T).
+  `temperature` T > 0: the stats are those of softmax(logits / T). `branch_ids` [B, T]: the rows
+  are prefix-shared (module docstring).
   """
   return chunked_head(_chunk_stats, hidden, kernel, input_ids, chunk_size, mask, groups,
-                      consts={"temperature": jnp.asarray(temperature, jnp.float32)})
+                      consts={"temperature": jnp.asarray(temperature, jnp.float32)},
+                      branch_ids=branch_ids)
 
 
 def _compacted(chunk_fn, h, kernel, ids, context, consts, wanted, chunk: int) -> dict:
@@ -210,7 +237,7 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
                       targets_only: bool = True, temperature: float = 1.0,
                       return_hidden: bool = False) -> dict:
   """`token_stats` of a causal LM on the batch fields `{prefix}input_ids`, `..attention_mask`,
-  `..positions`, `..segment_ids`. With `targets_only` and a `{prefix}loss_mask` field, stats are
+  `..positions`, `..segment_ids` (and `..branch_ids` for prefix-shared rows). With `targets_only` and a `{prefix}loss_mask` field, stats are
   computed only at its trainable targets (0 elsewhere); `targets_only=False` (or no loss_mask)
   computes every position. `embed_hook(embeddings) -> embeddings` rewrites the token
   embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag.
@@ -220,17 +247,19 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
   hidden = model_hidden_states(model, params, batch, prefix, embed_hook, dropout_rng)
   mask = batch.get(prefix + "loss_mask") if targets_only else None
   stats = token_stats(hidden, output_kernel(params, model.cfg), batch[prefix + "input_ids"],
-                      chunk_size, mask, temperature=temperature)
+                      chunk_size, mask, temperature=temperature,
+                      branch_ids=batch.get(prefix + "branch_ids"))
   return {**stats, "hidden": hidden} if return_hidden else stats
 
 
 def model_hidden_states(model, params, batch: dict, prefix: str = "",
                         embed_hook: Optional[Callable] = None, dropout_rng=None):
   """The final normed hidden states [B, T, D] of a causal LM on the batch fields
-  `{prefix}input_ids`, `..attention_mask`, `..positions`, `..segment_ids` (`embed_hook`,
-  `dropout_rng`: see `model_token_stats`)."""
+  `{prefix}input_ids`, `..attention_mask`, `..positions`, `..segment_ids`, `..branch_ids`
+  (`embed_hook`, `dropout_rng`: see `model_token_stats`)."""
   args = (batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
-          batch.get(prefix + "positions"), batch.get(prefix + "segment_ids"))
+          batch.get(prefix + "positions"), batch.get(prefix + "segment_ids"),
+          batch.get(prefix + "branch_ids"))
   with _intercept_embeddings(embed_hook):
     rngs = {"dropout": dropout_rng} if dropout_rng is not None else None
     return model.apply({"params": params}, *args, method="hidden_states", rngs=rngs)

@@ -24,8 +24,10 @@ class LlamaForScore(nn.Module):
         1, use_bias=False, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", None)))
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    hidden, _ = self.model(input_ids, attention_mask, positions, segment_ids)
+  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+               branch_ids=None):
+    hidden, _ = self.model(input_ids, attention_mask, positions, segment_ids,
+                           branch_ids=branch_ids)
     return self.score(hidden)[..., 0].astype(jnp.float32)
 
 

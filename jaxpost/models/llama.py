@@ -12,7 +12,15 @@ Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads
 
 Attention masks are built from slot indices, the same way for training and decoding: query slot
 `cache_index + t` may see key slot `s` iff `s <= q`, `kv_mask[s]`, same segment (packing) and,
-for sliding-window models, `q - s < window`. The KV cache is an explicit pytree
+for sliding-window models, `q - s < window`.
+
+Prefix sharing (DESIGN "Prefix sharing"; Wang et al. 2024, "Accelerating Direct Preference
+Optimization with Prefix Sharing"). A row may hold `[prompt | completion_1 | ... | completion_k]`
+groups; `branch_ids` marks the prompt 0 and completion j with j, and the rule adds: a key slot is
+seen only if it is a prompt slot (branch 0) or of the query's own completion. Positions of every
+completion continue from its prompt's end (the batch gives them), and the sliding window is then
+measured in positions, so each completion computes exactly what it would alone after its prompt.
+The KV cache is an explicit pytree
 `{"k", "v": [layers, batch, slots, kv_heads, head_dim]}` passed in and returned.
 """
 
@@ -84,16 +92,23 @@ def apply_rope(x, positions, inv_freq):
   return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def build_mask(kv_mask, cache_index, num_queries, segment_ids=None, sliding_window=None):
-  """Boolean [B, 1, 1, T, S] mask; see the module docstring for the rule."""
+def build_mask(kv_mask, cache_index, num_queries, segment_ids=None, sliding_window=None,
+               branch_ids=None, positions=None):
+  """Boolean [B, 1, 1, T, S] mask; see the module docstring for the rule. `branch_ids` [B, T]
+  (prefix sharing, training only: T = S) needs the `positions` [B, T] for a sliding window."""
   num_slots = kv_mask.shape[1]
   q_slot = cache_index + jnp.arange(num_queries)[:, None]
   k_slot = jnp.arange(num_slots)[None, :]
   allowed = (k_slot <= q_slot)[None] & kv_mask[:, None, :].astype(bool)
   if sliding_window is not None:
-    allowed &= (q_slot - k_slot < sliding_window)[None]
+    if branch_ids is None:
+      allowed &= (q_slot - k_slot < sliding_window)[None]
+    else:
+      allowed &= positions[:, :, None] - positions[:, None, :] < sliding_window
   if segment_ids is not None:
     allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+  if branch_ids is not None:
+    allowed &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
   return allowed[:, None, None]
 
 
@@ -186,12 +201,13 @@ class LlamaModel(nn.Module):
     self.norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
 
   def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
-               cache=None, cache_index=0):
+               cache=None, cache_index=0, branch_ids=None):
     """Hidden states [B, T, D] and the updated cache (None without one).
 
     Without a cache, `attention_mask` [B, T] marks real tokens and `positions` default to
     `cumsum(mask) - 1` (so left padding is handled). With a cache, `attention_mask` is the
     [B, slots] validity of every cache slot including the T new ones written at `cache_index`.
+    `branch_ids` [B, T] (no cache; explicit positions): prefix-shared rows, module docstring.
     """
     b, t = input_ids.shape
     if attention_mask is None:
@@ -200,7 +216,10 @@ class LlamaModel(nn.Module):
       if cache is not None:
         raise ValueError("Decoding with a cache needs explicit positions.")
       positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    mask = build_mask(attention_mask, cache_index, t, segment_ids, self.cfg.sliding_window)
+    if branch_ids is not None and (cache is not None or positions is None):
+      raise ValueError("Prefix-shared rows (branch_ids) need explicit positions and no cache.")
+    mask = build_mask(attention_mask, cache_index, t, segment_ids, self.cfg.sliding_window,
+                      branch_ids, positions)
     x = nn.with_logical_constraint(self.embed_tokens(input_ids), ("batch", "length", "embed"))
     if self.cfg.scan_layers:
       x, new_cache = self.layers(x, positions, mask, cache, cache_index)
@@ -224,12 +243,16 @@ class LlamaForCausalLM(nn.Module):
     if not self.cfg.tie_word_embeddings:
       self.lm_head = _dense(self.cfg.vocab_size, ("embed", "vocab"), False, self.cfg, "lm_head")
 
-  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    hidden, _ = self.model(input_ids, attention_mask, positions, segment_ids)
+  def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+               branch_ids=None):
+    hidden, _ = self.model(input_ids, attention_mask, positions, segment_ids,
+                           branch_ids=branch_ids)
     return self.logits(hidden)
 
-  def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None):
-    return self.model(input_ids, attention_mask, positions, segment_ids)[0]
+  def hidden_states(self, input_ids, attention_mask=None, positions=None, segment_ids=None,
+                    branch_ids=None):
+    return self.model(input_ids, attention_mask, positions, segment_ids,
+                      branch_ids=branch_ids)[0]
 
   def logits(self, hidden):
     if self.cfg.tie_word_embeddings:

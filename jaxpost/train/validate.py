@@ -27,7 +27,7 @@ from pathlib import Path
 
 from jaxpost.data import heldout
 from jaxpost.data.chat import TRAIN_ON, Limits
-from jaxpost.data.loader import parse_sources
+from jaxpost.data.loader import check_packing, parse_sources
 from jaxpost.data.synthetic import parse_spec
 from jaxpost.data.tasks import reward_fn
 from jaxpost.models.lora import LoraSpec
@@ -123,6 +123,22 @@ def _check_batch_split(config, num_devices: int, num_processes: int):
   if batch % num_processes:
     raise ConfigError(f"config.batch_size={batch} is not divisible by the {num_processes} "
                       "processes")
+  _check_shared_split(config, accum, parallel)
+
+
+def _check_shared_split(config, accum: int, parallel: int):
+  """Packed prefix-shared pair rows hold several pairs each and vary in number (down to 1), so
+  they are neither split into microbatches nor sharded."""
+  packed = (config.data.get("prefix_sharing", False) and config.data.packing
+            and algorithms.get(config.algorithm).loader_kind == "preference")
+  if packed and accum > 1:
+    raise ConfigError(f"config.grad_accum={accum} with config.data.packing=True and "
+                      "data.prefix_sharing=True: packed pair rows are not split into "
+                      "microbatches; set grad_accum=1 or data.packing=False")
+  if packed and parallel > 1:
+    raise ConfigError(f"config.data.packing=True with data.prefix_sharing=True runs on one "
+                      f"data-parallel device (config.mesh gives {parallel}); set data.packing="
+                      "False to shard one pair per row")
 
 
 def _check_data(config, kind: str):
@@ -151,9 +167,10 @@ def _check_data(config, kind: str):
   Limits(length, prompt, completion, data.truncation_mode)
   if data.train_on not in TRAIN_ON:
     raise ConfigError(f"config.data.train_on={data.train_on!r}; choose one of {TRAIN_ON}")
-  if data.packing and kind != "sft":
-    raise ConfigError(f"config.data.packing=True is for SFT batches only "
-                      f"(config.algorithm={config.algorithm!r} reads {kind!r} rows)")
+  try:
+    check_packing(kind, data.packing, data.get("prefix_sharing", False))
+  except ValueError as e:
+    raise ConfigError(f"config.{e} (config.algorithm={config.algorithm!r})") from e
   fraction = data.get("eval_fraction", 0.0)
   if not 0.0 <= fraction < 1.0:
     raise ConfigError(f"config.data.eval_fraction={fraction} must be in [0, 1)")
