@@ -105,6 +105,7 @@ RUNS = [
         "mesh.rules": tuple((n, None if n == "embed" else a) for n, a in sh.DEFAULT_RULES),
         "log_every": 2, "eval_every": 2, "eval_batches": 1, "checkpoint.every": 1,
         "checkpoint.keep": 1, "checkpoint.async_save": False, "metrics.tensorboard": False,
+        "metrics.plot": False,
         "data.cache_dir": "{cache}", "seed": 3}),
     ("rm_save_to_disk_splits", "rm:tiny", {
         "data.train": "{pairs_dd}", "data.train_split": "tr", "data.eval": "{pairs_dd}",
@@ -247,6 +248,7 @@ def _check_epochs(out, records, workdir, stdout):
   assert [r["step"] for r in evals] == sorted({0, *range(2, out["step"] + 1, 2), out["step"]})
   assert "held-out 0.25 of data.train" in stdout
   assert len(list((workdir / "checkpoints").iterdir())) == 1  # checkpoint.keep=1
+  assert not (workdir / "curves.png").exists()  # metrics.plot=False
 
 
 def _check_named_evaluator(out, records, workdir, stdout):

@@ -95,6 +95,8 @@ KEYS = {
     "metrics.wandb_project": "W&B project name",
     "metrics.progress_bar": "a tqdm bar over the steps",
     "metrics.cpu_peak_flops": "the host's peak FLOP/s, for MFU on CPU",
+    "metrics.plot": "at the end of a finished run, draw its curves into workdir/curves.png "
+                    "(jaxpost/plot.py; a failure only warns)",
     "distributed.initialize": "call jax.distributed.initialize (multi-process runs)",
     "distributed.coordinator_address": '"host:port" of process 0 ("" on TPU/SLURM: discovered)',
     "distributed.num_processes": "process count (0: discovered)",
@@ -171,6 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.metrics.wandb_project = "jaxpost"
   c.metrics.progress_bar = True
   c.metrics.cpu_peak_flops = 290e9
+  c.metrics.plot = True
 
   c.distributed = ml_collections.ConfigDict()
   c.distributed.initialize = False

@@ -11,7 +11,7 @@
                held-out task accuracy, rollouts of held-out prompts)
                every checkpoint.every and at the end: async checkpoint (state, data position)
     -> every evaluator once more at the end (eval_at_start: also before the first step)
-    -> optional HF export
+    -> optional HF export -> workdir/curves.png (metrics.plot; jaxpost/plot.py)
 
 No host sync happens between log boundaries: step metrics stay on device until the next flush.
 A step whose loss, gradient, update or new parameters are non-finite, or whose update is a
@@ -41,6 +41,7 @@ from jaxpost.data import heldout
 from jaxpost.data.loader import make_loader
 from jaxpost.models import lora
 from jaxpost.models.lora import LoraSpec
+from jaxpost.plot import write_run_curves
 from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
@@ -274,6 +275,8 @@ class Trainer:
       getattr(self.loader, "close", lambda: None)()
       self.evaluations.close()
       self.ckpt.close()
+    if cfg.metrics.plot and not self.stop_requested and jax.process_index() == 0:
+      write_run_curves(cfg.workdir)  # after everything is saved; a failure only warns
     return self._summary(step, evals)
 
   def _boundaries(self, step: int):

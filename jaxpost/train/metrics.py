@@ -141,6 +141,26 @@ def _open_truncated(path: Path, keep_until: int):
   return open(path, "a")
 
 
+def read_records(workdir) -> list:
+  """The records of `workdir`/metrics.jsonl in file order. A torn last line (the run was killed
+  while writing it) is skipped; any other line that is not a JSON object with a `step` fails
+  naming the file and line. FileNotFoundError names the workdir when it has no metrics.jsonl."""
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{workdir}: no metrics.jsonl (not a run's workdir, or the run has "
+                            "not logged a step yet)")
+  lines = path.read_text().splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    if _record_step(line) == math.inf:
+      if number == len(lines):
+        break
+      raise ValueError(f"{path}:{number}: not a metrics record (a JSON object with a step): "
+                       f"{line[:80]!r}")
+    records.append(json.loads(line))
+  return records
+
+
 def _record_step(line: str) -> float:
   """The step of a metrics.jsonl line; inf for a torn last line (written while killed)."""
   try:
