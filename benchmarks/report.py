@@ -9,7 +9,8 @@ benchmarks/results/; this keeps BENCHMARKS.md a faithful copy of the last run of
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ORDER = ["suite", "memory", "forward", "generate", "sft", "dpo", "grpo", "data", "dpo_trl_parity"]
+ORDER = ["suite", "memory", "forward", "generate", "sft", "dpo", "grpo", "ppo", "distill", "data",
+         "dpo_trl_parity"]
 
 HEADER = """# Benchmarks
 
