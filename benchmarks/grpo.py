@@ -93,23 +93,30 @@ def child(spec: dict) -> dict:
 # ------------------------------------------------------------------------------ jaxpost
 
 def jaxpost_config(c, spec: dict, workdir: str):
-  """The "grpo" recipe `c` set up for a timed run: the benchmark's shape, fp32, log every step,
-  no eval, report, checkpoint or export; RECIPE_KEYS where the recipe has them; then the
-  suite's --set overrides."""
+  """The "grpo" recipe `c` set up for a timed run (`timed_run_keys`), beta 0, RECIPE_KEYS where
+  the recipe has them; then the suite's --set overrides."""
   present = c.to_dict()
   c.update_from_flattened_dict({
-      "workdir": workdir, "max_steps": spec["steps"], "batch_size": spec["batch_size"],
-      "grpo.num_generations": spec["generations"], "rollout.max_new_tokens": spec["new_tokens"],
-      "grpo.beta": 0.0, "log_every": 1, "eval_at_start": False, "eval_every": 0,
-      "data.eval": None, "data.shuffle": False, "report.task": "", "export_hf": "",
-      "checkpoint.every": -1, "metrics.tensorboard": False, "metrics.progress_bar": False,
-      "model.name_or_path": spec["model_dir"], "model.dtype": "float32",
-      "model.param_dtype": "float32", "optimizer.learning_rate": LEARNING_RATE,
-      "optimizer.warmup_steps": 0, "optimizer.weight_decay": 0.0,
-      "optimizer.max_grad_norm": 1.0,
+      **timed_run_keys(spec, workdir, LEARNING_RATE), "grpo.num_generations": spec["generations"],
+      "grpo.beta": 0.0,
       **{k: v for k, v in RECIPE_KEYS.items() if recipe_value(present, k) is not None},
       **spec.get("overrides", {})})
   return c
+
+
+def timed_run_keys(spec: dict, workdir: str, learning_rate: float) -> dict:
+  """The keys that set a rollout recipe up for a timed run: the spec's model, batch, new tokens
+  and steps, fp32, log every step, no eval, report, checkpoint or export, AdamW at
+  `learning_rate` without warm-up or weight decay, gradient clipping at norm 1."""
+  return {
+      "workdir": workdir, "max_steps": spec["steps"], "batch_size": spec["batch_size"],
+      "rollout.max_new_tokens": spec["new_tokens"], "log_every": 1, "eval_at_start": False,
+      "eval_every": 0, "data.eval": None, "data.shuffle": False, "report.task": "",
+      "export_hf": "", "checkpoint.every": -1, "metrics.tensorboard": False,
+      "metrics.progress_bar": False, "model.name_or_path": spec["model_dir"],
+      "model.dtype": "float32", "model.param_dtype": "float32",
+      "optimizer.learning_rate": learning_rate, "optimizer.warmup_steps": 0,
+      "optimizer.weight_decay": 0.0, "optimizer.max_grad_norm": 1.0}
 
 
 def recipe_value(config: dict, key: str):
@@ -121,22 +128,29 @@ def recipe_value(config: dict, key: str):
 def run_jaxpost(config, spec: dict) -> dict:
   """`spec["steps"]` GRPO iterations with jaxpost.train; times of the steps after the first
   (the loop reports the first, mostly compilation, as compile_time)."""
-  import jaxpost
   with tempfile.TemporaryDirectory() as workdir:
     config = jaxpost_config(config, spec, workdir)
     settings = {k: recipe_value(config.to_dict(), k) for k in RECIPE_KEYS}
     settings["grad_accum"] = config.grad_accum  # the recipe's microbatches of the update
-    jaxpost.train(config)
-    records = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
-  first = next(r for r in records if "compile_time" in r)  # the loop times it apart
+    result, timed_records = train_timed(config)
+  return {**result, "reward": mean_of(timed_records, "reward"),
+          "settings": {k: v for k, v in settings.items() if v is not None}}
+
+
+def train_timed(config) -> tuple[dict, list[dict]]:
+  """Runs `jaxpost.train(config)` (a rollout recipe, log_every 1) and returns ({step_times,
+  rollout_times, update_times, first_step, completion_length}, the timed steps' metrics
+  records): the loop reports the first step, mostly compilation, apart as compile_time."""
+  import jaxpost
+  jaxpost.train(config)
+  records = [json.loads(line) for line in open(Path(config.workdir) / "metrics.jsonl")]
+  first = next(r for r in records if "compile_time" in r)
   timed_records = [r for r in records if "step_time" in r]
   return {"step_times": [r["step_time"] for r in timed_records],
           "rollout_times": [r["time/rollout"] for r in timed_records],
           "update_times": [r["time/update"] for r in timed_records],
           "first_step": first["compile_time"],
-          "reward": mean_of(timed_records, "reward"),
-          "completion_length": mean_of(timed_records, "completions/mean_length"),
-          "settings": {k: v for k, v in settings.items() if v is not None}}
+          "completion_length": mean_of(timed_records, "completions/mean_length")}, timed_records
 
 
 def mean_of(records: list[dict], key: str):

@@ -26,7 +26,8 @@ import numpy as np
 
 MODEL = "bundled:smollm2-135m-instruct"
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RECIPES = {"sft": "sft", "rm": "rm", "dpo": "dpo"}  # kind -> configs/<recipe>.py
+RECIPES = {"sft": "sft", "rm": "rm", "dpo": "dpo",  # kind -> configs/<recipe>.py
+           "gkd": "distill:gkd"}
 
 
 # ------------------------------------------------------------------------------ batches
@@ -162,15 +163,21 @@ def jaxpost_config(kind: str, workdir: str, steps: int, batch_size: int, length:
 
 def run_jaxpost(config, batches: dict) -> dict:
   """Trains on `batches` in order; step times from metrics.jsonl (logged every step)."""
+  records = train_records(config, batches)
+  return {"step_times": [r["step_time"] for r in records[1:]],
+          "first_step": records[0]["compile_time"], "check": records[0]["loss"],
+          "last_loss": records[-1]["loss"]}
+
+
+def train_records(config, batches: dict) -> list[dict]:
+  """`jaxpost.train(config)` on `batches` in order, in a temporary workdir; its metrics
+  records (the first holds compile_time, the rest step_time)."""
   import jaxpost
   steps = [step_batch(batches, i) for i in range(config.max_steps)]
   with tempfile.TemporaryDirectory() as workdir:
     config.workdir = workdir
     jaxpost.train(config, train_loader=iter(steps))
-    records = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
-  return {"step_times": [r["step_time"] for r in records[1:]],
-          "first_step": records[0]["compile_time"], "check": records[0]["loss"],
-          "last_loss": records[-1]["loss"]}
+    return [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
 
 
 # ------------------------------------------------------------------------------ TRL

@@ -69,6 +69,43 @@ def test_stats_match_direct_computation():
   assert float(jnp.abs(stats["entropy"][:, 0]).max()) == 0.0
 
 
+def _dense_entropy(hidden, kernel, temperature=1.0):
+  """H(softmax(h_{t-1} W / temperature)) over the whole [B, T, V] logits, 0 at t = 0."""
+  logp = jax.nn.log_softmax(hidden[:, :-1] @ kernel / temperature, axis=-1)
+  return jnp.pad(-jnp.sum(jnp.exp(logp) * logp, axis=-1), ((0, 0), (1, 0)))
+
+
+@pytest.mark.parametrize("chunk,masked,temperature", [(4, False, 1.0), (3, True, 0.7),
+                                                      (64, True, 1.0)])
+def test_entropy_gradient_equals_dense_autodiff(chunk, masked, temperature):
+  """With entropy_grad the chunked entropy (alone and next to the log-probs, as PPO's
+  L_pg − c H) has the value and the gradient of autodiff through the dense entropy; without it,
+  none."""
+  hidden, kernel, ids = _inputs(5)
+  mask = (jax.random.uniform(jax.random.PRNGKey(6), (B, T)) < 0.6) if masked else None
+  keep = jnp.ones((B, T)) if mask is None else mask.astype(jnp.float32)
+  weights = jax.random.normal(jax.random.PRNGKey(7), (B, T))
+
+  def ours(h, w, entropy_grad=True):
+    stats = logprobs.token_stats(h, w, ids, chunk, mask, temperature=temperature,
+                                 entropy_grad=entropy_grad)
+    return stats["entropy"], stats["logprobs"]
+
+  def dense(h, w):
+    return (_dense_entropy(h, w, temperature) * keep,
+            _reference(h, w / temperature, ids) * keep)
+
+  chex.assert_trees_all_close(ours(hidden, kernel), dense(hidden, kernel), atol=1e-5)
+  for objective in (lambda e, lp: jnp.sum(weights * e),
+                    lambda e, lp: jnp.sum(weights * lp) - 0.3 * jnp.sum(e)):
+    grads = jax.grad(lambda h, w: objective(*ours(h, w)), (0, 1))(hidden, kernel)
+    chex.assert_trees_all_close(grads, jax.grad(lambda h, w: objective(*dense(h, w)), (0, 1))(
+        hidden, kernel), atol=1e-5)
+  no_grad = jax.grad(lambda h: jnp.sum(weights * ours(h, kernel, entropy_grad=False)[0]))(hidden)
+  assert float(jnp.abs(no_grad).max()) == 0.0
+  assert float(jnp.abs(grads[0]).max()) > 1e-3
+
+
 def _mask(kind):
   """[B, T] masks: none / every / a ragged trailing span per row / scattered positions."""
   if kind == "zeros":

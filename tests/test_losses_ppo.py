@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,6 +102,25 @@ def test_first_update_ratio_one_no_clipping():
   assert float(loss) == pytest.approx(-float(jnp.mean(adv)), rel=1e-6)
 
 
+def test_entropy_bonus_by_hand():
+  """L = w (L_pg − c_H mean_m H) + vf_coef L_v: the bonus lowers the loss by w c_H mean_m H and
+  its gradient in H is −w c_H m / Σ m; entropy off the mask does not count."""
+  rng = np.random.default_rng(3)
+  mask = f32([[0, 1, 1, 1], [0, 1, 1, 0]])
+  batch = {"loss_mask": mask, "old_logps": f32(rng.normal(size=(2, 4))),
+           "advantages": f32(rng.normal(size=(2, 4))), "old_values": f32(rng.normal(size=(2, 4))),
+           "returns": f32(rng.normal(size=(2, 4)))}
+  logps, values = batch["old_logps"] + 0.1, batch["old_values"] - 0.1
+  entropy = f32([[9.0, 1.0, 2.0, 3.0], [9.0, 4.0, 5.0, 9.0]])  # 9: off the mask
+  loss = lambda c, h: ppo.ppo_loss(ppo.PPOConfig(ent_coef=c), logps, values, batch, h, 0.5)[0]
+  assert float(loss(0.2, entropy)) == pytest.approx(float(loss(0.0, entropy)) - 0.5 * 0.2 * 3.0,
+                                                    rel=1e-6)
+  np.testing.assert_allclose(jax.grad(lambda h: loss(0.2, h))(entropy), -0.5 * 0.2 * mask / 5,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="ent_coef > 0 needs the policy's entropy"):
+    loss(0.2, None)
+
+
 def test_value_clipping_engages_past_eps_v():
   """V_old = 0, R̂ = 1, ε_v = 0.2: V = 0.1 is inside (0.81 both); V = 0.5 clips to 0.2 and the
   clipped 0.64 > 0.25 wins; V = −0.5 clips to −0.2 but the unclipped 2.25 > 1.44 wins."""
@@ -127,6 +147,8 @@ def test_config_errors_name_the_key():
     ppo.PPOConfig(lam=1.5)
   with pytest.raises(ValueError, match=r"config.ppo.dual_clip=0.5"):
     ppo.PPOConfig(dual_clip=0.5)
+  with pytest.raises(ValueError, match=r"config.ppo.ent_coef=-0.1"):
+    ppo.PPOConfig(ent_coef=-0.1)
   with pytest.raises(ValueError, match=r"kl_target"):
     ppo.PPOConfig(kl_target=-1.0)
 

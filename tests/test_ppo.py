@@ -166,9 +166,11 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
             num_attention_heads=2, num_key_value_heads=1, head_dim=16)
 
 
-def test_ppo_gradient_is_reinforce_with_whitened_advantages():
+@pytest.mark.parametrize("ent_coef", [0.0, 0.5])
+def test_ppo_gradient_is_reinforce_with_whitened_advantages(ent_coef):
   """num_epochs = num_minibatches = 1, vf_coef = 0, β = 0: the policy gradient of the PPO loss
-  equals −∇ mean_m(Â log π) with Â the whitened GAE advantages (ρ = 1 at the first update)."""
+  equals −∇ mean_m(Â log π) with Â the whitened GAE advantages (ρ = 1 at the first update),
+  minus ent_coef · ∇ mean_m H with H the entropy of the model's dense logits (autodiff)."""
   cfg = LlamaConfig.from_hf({"model_type": "llama", **TINY})
   policy, critic = build_module(cfg, "lm"), build_module(cfg, "score")
   params = {"policy": init_params(policy, jax.random.PRNGKey(0)),
@@ -182,7 +184,7 @@ def test_ppo_gradient_is_reinforce_with_whitened_advantages():
       jnp.arange(8), (4, 8)) * attention, "completion_mask": completion,
           "finished": jnp.array([False, True, True, True])}
   c = jaxpost.configs.get("ppo:tiny")
-  c.ppo.update({"num_epochs": 1, "vf_coef": 0.0, "kl_coef": 0.0})
+  c.ppo.update({"num_epochs": 1, "vf_coef": 0.0, "kl_coef": 0.0, "ent_coef": ent_coef})
   s = ppo.settings(c)
   ctx = algorithms.LossContext(policy, c, True, {"value": critic})
   from jaxpost.losses.logprobs import model_token_stats
@@ -193,8 +195,15 @@ def test_ppo_gradient_is_reinforce_with_whitened_advantages():
   batch, _ = ppo.advantages(s, 0.0, jnp.asarray([1.0, -2.0, 0.5, 3.0]), rows, None, values)
   grads = jax.jit(jax.grad(lambda p: ppo.rollout_loss(s, p, {}, batch, None, ctx)[0]))(params)
   mask = completion.astype(jnp.float32)
-  reinforce = jax.jit(jax.grad(lambda p: -jnp.sum(batch["advantages"] * logps(p) * mask)
-                               / jnp.sum(mask)))(params["policy"])
+
+  def dense_entropy(p):  # H_t of softmax(z_{t-1} / temperature) from the [B, T, V] logits
+    logits = policy.apply({"params": p}, ids, rows["attention_mask"], rows["positions"])
+    logp = jax.nn.log_softmax(logits[:, :-1] / s.rollout.scoring_temperature)
+    return jnp.pad(-jnp.sum(jnp.exp(logp) * logp, -1), ((0, 0), (1, 0)))
+
+  reinforce = jax.jit(jax.grad(lambda p: -jnp.sum(
+      (batch["advantages"] * logps(p) + ent_coef * dense_entropy(p)) * mask) / jnp.sum(mask)))(
+          params["policy"])
   for a, b in zip(jax.tree.leaves(grads["policy"]), jax.tree.leaves(reinforce)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["value"]))

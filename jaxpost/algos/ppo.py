@@ -3,7 +3,8 @@
 The math is in `jaxpost/losses/ppo.py`; this file is the glue. The trainable tree has two
 members, `state.params = {"policy": ..., "value": ...}` (`Algorithm.members`), optimised by one
 `optax.multi_transform` (the critic's optimiser is `config.optimizer` with the overrides of
-`config.critic.optimizer`) and differentiated by one backward of L_pg + vf_coef · L_v. The
+`config.critic.optimizer`) and differentiated by one backward of L_pg + vf_coef · L_v
+(− ent_coef · H, an entropy bonus whose gradient the chunked LM head carries). The
 critic is a scalar-head model (`head="score"`): `critic.name_or_path`, else the reward model
 `reward.model`, else the policy's initial weights with a fresh score head. With
 `critic.share_backbone=True` the critic is only that model's score head, read on the POLICY's
@@ -201,12 +202,14 @@ def critic_member(ctx) -> dict:
 # --- the loss of one microbatch ------------------------------------------------------------------
 
 def rollout_loss(s: Settings, params, frozen, batch, rng, ctx):
-  """L_pg + vf_coef · L_v of one microbatch of rollout rows; `params` = {"policy", "value"}."""
+  """L_pg + vf_coef · L_v (− ent_coef · H) of one microbatch of rollout rows; `params` =
+  {"policy", "value"}."""
   del frozen
   stats = model_token_stats(ctx.model, params[POLICY], batch, chunk_size=s.rollout.chunk_size,
                             temperature=s.rollout.scoring_temperature,
                             dropout_rng=rng if ctx.training else None,
-                            return_hidden=s.share_backbone)
+                            return_hidden=s.share_backbone,
+                            entropy_grad=s.loss.ent_coef > 0)
   if s.share_backbone:  # one forward: logits and values from the same hidden states
     values = head_values(stats["hidden"], params[VALUE])
   else:

@@ -30,6 +30,7 @@ KEYS = {
     "ppo.cliprange": "ε of the clipped ratio",
     "ppo.cliprange_value": "ε_v: values clipped to V_old ± ε_v in the value loss",
     "ppo.vf_coef": "weight of the value loss in the one backward",
+    "ppo.ent_coef": "weight c_H of the entropy bonus − c_H · mean H (0: off, as TRL)",
     "ppo.kl_coef": "β of the per-token −β KL_t reward (initial value when adaptive)",
     "ppo.kl_estimator": "k1 | k3",
     "ppo.kl_target": "None: fixed β; else the adaptive controller's target KL (nats per "
@@ -58,7 +59,7 @@ def get_config(arg=None):
   c.batch_size = 16
   c.ppo = ml_collections.ConfigDict({
       "num_generations": 1, "num_epochs": 4, "num_minibatches": 1, "gamma": 1.0, "lam": 0.95,
-      "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "kl_coef": 0.05,
+      "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "ent_coef": 0.0, "kl_coef": 0.05,
       "kl_estimator": "k1", "kl_horizon": 10000.0, "whiten_rewards": False})
   for key in ("kl_target", "missing_eos_penalty", "reward_clip", "dual_clip"):
     c.ppo[key] = ml_collections.FieldReference(None, field_type=float)

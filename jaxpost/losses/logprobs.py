@@ -39,7 +39,8 @@ when another completion precedes it in the row (`predecessor_index`); the hidden
 gathered at those slots instead of shifted by one.
 
 `token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy, entropy, mean
-logit); they carry no gradient.
+logit); they carry no gradient, except the entropy with `entropy_grad=True` (PPO's entropy
+bonus), whose gradient the same recomputing backward pass carries.
 """
 
 from __future__ import annotations
@@ -65,21 +66,27 @@ def chunk_logits(h, kernel, temperature=1.0):
   return logits.reshape(*h.shape[:-1], -1) / temperature
 
 
-def _chunk_stats(h, kernel, targets, context, consts):
+def _chunk_stats(h, kernel, targets, context, consts, entropy_grad: bool = False):
   """Stats of one chunk: h [G, C, D], targets [G, C] -> dict of [G, C] fp32 arrays of the
-  distribution softmax(h W / consts["temperature"])."""
+  distribution p = softmax(z), z = h W / consts["temperature"]. The entropy
+  H = logsumexp(z) − Σ_v p_v z_v is differentiable with `entropy_grad`
+  (∂H/∂z_v = −p_v (z_v − Σ_u p_u z_u)), else a diagnostic without gradient."""
   del context
   logits = chunk_logits(h, kernel, consts["temperature"])
   lse = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   logits_ng = jax.lax.stop_gradient(logits)
-  probs = jnp.exp(logits_ng - jax.lax.stop_gradient(lse)[..., None])
+  z, lse_z = (logits, lse) if entropy_grad else (logits_ng, jax.lax.stop_gradient(lse))
+  probs = jnp.exp(z - lse_z[..., None])
   return {
       "logprobs": target_logit - lse,
       "correct": (jnp.argmax(logits_ng, axis=-1) == targets).astype(jnp.float32),
-      "entropy": jax.lax.stop_gradient(lse) - jnp.sum(probs * logits_ng, axis=-1),
+      "entropy": lse_z - jnp.sum(probs * z, axis=-1),
       "logit_mean": jnp.mean(logits_ng, axis=-1),
   }
+
+
+_chunk_stats_entropy_grad = functools.partial(_chunk_stats, entropy_grad=True)
 
 
 def _at(tree, i):
@@ -179,9 +186,11 @@ def chunked_head(chunk_fn: Callable, hidden, kernel, input_ids,
 
 
 def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE, mask=None,
-                groups: Optional[int] = None, temperature: float = 1.0, branch_ids=None) -> dict:
-  """Per-token stats [B, T] (fp32): `logprobs` (differentiable), `correct`, `entropy`,
-  `logit_mean` — all describing the prediction of input_ids[:, t] from hidden[:, t-1]; 0 at t=0.
+                groups: Optional[int] = None, temperature: float = 1.0,
+                entropy_grad: bool = False, branch_ids=None) -> dict:
+  """Per-token stats [B, T] (fp32): `logprobs` (differentiable), `correct`, `entropy`
+  (differentiable with `entropy_grad`: an entropy bonus), `logit_mean` — all describing the
+  prediction of input_ids[:, t] from hidden[:, t-1]; 0 at t=0.
 
   `chunk_size`: positions per row in one chunk, i.e. B * chunk_size tokens' logits alive at once.
   `mask` [B, T] (optional): stats only where mask > 0, 0 elsewhere; the LM head runs only on the
@@ -190,7 +199,8 @@ def token_stats(hidden, kernel, input_ids, chunk_size: int = DEFAULT_CHUNK_SIZE,
   `temperature` T > 0: the stats are those of softmax(logits / T). `branch_ids` [B, T]: the rows
   are prefix-shared (module docstring).
   """
-  return chunked_head(_chunk_stats, hidden, kernel, input_ids, chunk_size, mask, groups,
+  chunk_fn = _chunk_stats_entropy_grad if entropy_grad else _chunk_stats
+  return chunked_head(chunk_fn, hidden, kernel, input_ids, chunk_size, mask, groups,
                       consts={"temperature": jnp.asarray(temperature, jnp.float32)},
                       branch_ids=branch_ids)
 
@@ -235,19 +245,20 @@ def model_token_stats(model, params, batch: dict, prefix: str = "",
                       chunk_size: int = DEFAULT_CHUNK_SIZE,
                       embed_hook: Optional[Callable] = None, dropout_rng=None,
                       targets_only: bool = True, temperature: float = 1.0,
-                      return_hidden: bool = False) -> dict:
+                      return_hidden: bool = False, entropy_grad: bool = False) -> dict:
   """`token_stats` of a causal LM on the batch fields `{prefix}input_ids`, `..attention_mask`,
   `..positions`, `..segment_ids` (and `..branch_ids` for prefix-shared rows). With `targets_only` and a `{prefix}loss_mask` field, stats are
   computed only at its trainable targets (0 elsewhere); `targets_only=False` (or no loss_mask)
   computes every position. `embed_hook(embeddings) -> embeddings` rewrites the token
   embeddings (e.g. NEFTune noise) through a Flax method interceptor, so the model needs no flag.
-  `dropout_rng` (training only) drives LoRA adapter dropout. `temperature`: see `token_stats`.
+  `dropout_rng` (training only) drives LoRA adapter dropout. `temperature`, `entropy_grad`: see
+  `token_stats`.
   `return_hidden` adds the final hidden states [B, T, D] as "hidden" (a value head on the same
   forward: PPO's shared-backbone critic)."""
   hidden = model_hidden_states(model, params, batch, prefix, embed_hook, dropout_rng)
   mask = batch.get(prefix + "loss_mask") if targets_only else None
   stats = token_stats(hidden, output_kernel(params, model.cfg), batch[prefix + "input_ids"],
-                      chunk_size, mask, temperature=temperature,
+                      chunk_size, mask, temperature=temperature, entropy_grad=entropy_grad,
                       branch_ids=batch.get(prefix + "branch_ids"))
   return {**stats, "hidden": hidden} if return_hidden else stats
 

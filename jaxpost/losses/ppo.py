@@ -36,6 +36,11 @@ Clipped value loss (as in OpenAI's baselines and TRL), V_clip = clip(V, V_old �
 
     L_v = ½ mean_m max((V − R̂)², (V_clip − R̂)²)
 
+The minimised total (Schulman et al. 2017, eq. 9, with the entropy bonus c_H = `ent_coef`, 0 by
+default as in TRL, which has none), H_t the entropy of π_θ(· | y_<t) at the sampling temperature:
+
+    L = L_pg + vf_coef · L_v − c_H · mean_m H_t
+
 Metrics (TRL's PPO names): `policy/approxkl_avg` = ½ mean_m (log ρ)², `policy/clipfrac_avg` =
 mean_m [clipped term > unclipped], `val/clipfrac_avg` likewise for the value loss, `val/ratio` =
 mean_m ρ, `loss/policy_avg`, `loss/value_avg`. TRL takes approxkl and the ratio mean over every
@@ -75,6 +80,7 @@ class PPOConfig:
   missing_eos_penalty: Optional[float] = None
   reward_clip: Optional[float] = None
   dual_clip: Optional[float] = None
+  ent_coef: float = 0.0
 
   def __post_init__(self):
     def bad(key, why):
@@ -85,8 +91,9 @@ class PPOConfig:
     for key in ("cliprange", "cliprange_value"):
       if not getattr(self, key) > 0:
         bad(key, "must be > 0")
-    if self.vf_coef < 0:
-      bad("vf_coef", "must be >= 0")
+    for key in ("vf_coef", "ent_coef"):
+      if getattr(self, key) < 0:
+        bad(key, "must be >= 0")
     if self.kl_estimator not in KL_ESTIMATORS:
       bad("kl_estimator", f"must be one of {KL_ESTIMATORS}")
     if self.reward_clip is not None and not self.reward_clip > 0:
@@ -212,9 +219,10 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float):
 
 
 def ppo_loss(cfg: PPOConfig, logps, values, batch, entropy=None, policy_weight=1.0):
-  """(w · L_pg + vf_coef · L_v, metrics) of one microbatch: `batch` holds `old_logps`,
-  `advantages`, `old_values`, `returns`, `loss_mask` [R, T]; `entropy` [R, T] is logged
-  (policy/entropy_avg), without gradient; `policy_weight` w (may be traced) is 0 while only the
+  """(w · (L_pg − ent_coef · mean_m H) + vf_coef · L_v, metrics) of one microbatch: `batch`
+  holds `old_logps`, `advantages`, `old_values`, `returns`, `loss_mask` [R, T]; `entropy` H
+  [R, T] is logged (policy/entropy_avg) and, with ent_coef > 0, must carry its gradient
+  (`token_stats(..., entropy_grad=True)`); `policy_weight` w (may be traced) is 0 while only the
   critic trains (a critic warm-up)."""
   mask = batch["loss_mask"]
   pg, metrics = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, cfg.cliprange,
@@ -222,6 +230,9 @@ def ppo_loss(cfg: PPOConfig, logps, values, batch, entropy=None, policy_weight=1
   vf, value_metrics = value_loss(values, batch["old_values"], batch["returns"], mask,
                                  cfg.cliprange_value)
   metrics.update(value_metrics)
+  if cfg.ent_coef and entropy is None:
+    raise ValueError("config.ppo.ent_coef > 0 needs the policy's entropy")
   if entropy is not None:
     metrics["policy/entropy_avg"] = masked_mean(entropy, mask)
+    pg = pg - cfg.ent_coef * metrics["policy/entropy_avg"]
   return policy_weight * pg + cfg.vf_coef * vf, metrics
