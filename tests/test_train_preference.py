@@ -240,3 +240,23 @@ def test_default_buckets_pad_less_with_the_same_loss_and_gradient(lm):
   for k in m_t:
     np.testing.assert_allclose(m_t[k], m_p[k], rtol=1e-5, atol=1e-6, err_msg=k)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g_t, g_p)
+
+
+def test_recipe_remat_policy_keeps_the_dpo_loss_and_gradient(lm):
+  """configs/dpo.py's remat policy (recompute the attention in the backward pass) gives the loss,
+  metrics and gradient of the model without remat."""
+  import dataclasses
+  import jaxpost.configs
+  policy = jaxpost.configs.get("dpo").model.remat_policy
+  assert policy != "none"
+  model, params, ref = lm
+  remat = LlamaForCausalLM(dataclasses.replace(CFG, remat_policy=policy))
+  batch = pair_batch(2)
+  grads = lambda m: jax.jit(jax.value_and_grad(
+      lambda p: dpo_loss_fn(p, {"ref": ref}, batch, None, ctx(m)), has_aux=True))(params)
+  (loss, metrics), g = grads(model)
+  (loss_r, metrics_r), g_r = grads(remat)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  for k in metrics:
+    np.testing.assert_allclose(metrics_r[k], metrics[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_r, g)

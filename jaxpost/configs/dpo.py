@@ -52,6 +52,9 @@ def get_config(arg=None):
   preference_keys(c)
   c.data.train = "builtin:arithmetic"
   c.data.max_length = 128
+  # Keep matmul outputs, recompute the [B, H, T, T] attention: DPO's 2B-row forward and its
+  # reference held 14.9 GB at T=512 without remat (TRL 8.8 GB); BENCHMARKS.md "Memory levers".
+  c.model.remat_policy = "dots_no_batch"
   c.batch_size = 8
   c.max_steps = 40
   c.log_every = 5
