@@ -122,7 +122,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=3, help="steps per run (the first compiles)")
   parser.add_argument("--batch_size", type=int, default=8, help="pairs per step")
-  parser.add_argument("--trl_threads", type=int, default=os.cpu_count())
+  parser.add_argument("--trl_threads", type=int, default=os.cpu_count(),
+                      help="torch threads of the TRL run; 0 skips TRL (e.g. too little memory)")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="a jaxpost config override for both jaxpost runs (repeatable)")
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -142,23 +143,31 @@ def main():
     spec = {"model_dir": model_dir, "batch_size": args.batch_size, "threads": args.trl_threads,
             "overrides": overrides}
     results = {}
-    for name, shared, impl in (("trl", False, "trl"), ("unshared", False, "jaxpost"),
-                               ("shared", True, "jaxpost")):
+    runs = (("trl", False, "trl"), ("unshared", False, "jaxpost"), ("shared", True, "jaxpost"))
+    for name, shared, impl in runs[0 if args.trl_threads else 1:]:
       np.savez(tmp / f"{name}.npz", **layouts[shared])
       results[name] = run_child({**spec, "impl": impl, "shared": shared,
                                  "batches": str(tmp / f"{name}.npz")}, tmp, name)
   write(args, rows, layouts, results, load)
 
 
+def trl_note(args) -> str:
+  if args.trl_threads:
+    return f"TRL with {args.trl_threads} torch threads."
+  return "TRL not run in this measurement (--trl_threads=0)."
+
+
 def write(args, rows, layouts, results, load):
   unshared, shared = layouts[False], layouts[True]
   tokens = pair_tokens(unshared)
   table = [["impl", "computed tokens / step", "median step (s)", "pair tokens/s",
-            "speed-up vs TRL", "peak RSS (GB)", "compile / first step (s)", "step-1 loss"]]
+            f"speed-up vs {'TRL' if 'trl' in results else 'unshared'}", "peak RSS (GB)", "compile / first step (s)", "step-1 loss"]]
+  base = results.get("trl", results["unshared"])
   for label, name, layout in (("TRL 1.16 DPOTrainer", "trl", unshared),
                               ("jaxpost, unshared", "unshared", unshared),
                               ("jaxpost, prefix-shared", "shared", shared)):
-    table.append(table_row(label, results[name], tokens, computed_tokens(layout), results["trl"]))
+    if name in results:
+      table.append(table_row(label, results[name], tokens, computed_tokens(layout), base))
   ratio = statistics.median(results["unshared"]["step_times"]) / statistics.median(
       results["shared"]["step_times"])
   prompt = [int(np.argmax(m > 0)) for m in unshared["chosen_loss_mask"].reshape(
@@ -181,7 +190,7 @@ def write(args, rows, layouts, results, load):
       f"{LEARNING_RATE}; TRL's collated token ids asserted equal to the unshared batches; "
       f"median over steps 2..{args.steps}; the same step-1 loss in all three rows checks the "
       f"math. pair tokens/s = real chosen + rejected tokens ({tokens:.0f} per step) / step "
-      f"time. TRL with {args.trl_threads} torch threads. 1-minute load average {load:.2f} "
+      f"time. {trl_note(args)} 1-minute load average {load:.2f} "
       f"before, {os.getloadavg()[0]:.2f} after (2-core machine shared with other jobs: "
       f"loose numbers). {common.versions('jax', 'torch', 'transformers', 'trl')}.")
 

@@ -36,13 +36,14 @@ def loader_batches(data_overrides: dict, kind: str, length: int, batch_size: int
                    steps: int) -> dict:
   """`steps` batches of jaxpost's loader (shuffle off, one bucket T=length unless
   `data_overrides` sets buckets), stacked; when it sets buckets the [B, T_i] batches are padded
-  to the longest T_i and `bucket_length` [steps] keeps each T_i."""
+  to the longest T_i and `bucket_length` [steps] keeps each T_i. Pairs are unshared (TRL's
+  layout) unless `data_overrides` sets data.prefix_sharing."""
   from jaxpost.data.config import data_defaults
   from jaxpost.data.loader import build_loader
   from jaxpost.hf import load_tokenizer, resolve_model_dir
   data = data_defaults()
   data.update({"max_length": length, "buckets": (length,), "shuffle": False, "prefetch": 0,
-               **data_overrides})
+               "prefix_sharing": False, **data_overrides})
   loader = build_loader(data, load_tokenizer(resolve_model_dir(MODEL)), kind, batch_size)
   if loader.summary["dropped"]:
     raise RuntimeError(f"benchmark rows must fit {length} tokens: {loader.summary}")

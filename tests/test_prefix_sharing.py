@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, PAD = 128, 0
 BUCKETS = (16, 32, 48)
 TOL = dict(rtol=1e-5, atol=1e-5)
+REF = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))  # reference log-probs of 6 pairs
 
 
 def tiny(module_cls=LlamaForCausalLM, seed=0, **overrides):
@@ -77,10 +78,10 @@ def layouts(records, packing=False, left=False):
   return jax.tree.map(jnp.asarray, unshared), jax.tree.map(jnp.asarray, shared)
 
 
-def dpo_loss(module, loss_type="sigmoid"):
+def dpo_loss(module, loss_type="sigmoid", ref=REF):
   cfg = PreferenceLossConfig(loss_type=loss_type, beta=0.5, sft_weight=0.3)
 
-  def fn(params, batch, ref):
+  def fn(params, batch):
     stats = preference.pair_stats(module, params, batch, chunk_size=4)
     (pc, pr), (nc, nr), (sc, sr) = (stats[k] for k in ("logps", "lengths", "logits_sum"))
     return preference_loss(cfg, pc, pr, nc, nr, *ref, sc, sr)
@@ -114,10 +115,9 @@ def test_dpo_values_and_gradients_equal_unshared(packing, left, scan):
   unshared, shared = layouts(pair_records(empty_prompt_at=2), packing, left)
   if packing:
     assert shared["input_ids"].shape[0] < unshared["chosen_input_ids"].shape[0]
-  ref = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))
   grad_fn = jax.jit(jax.value_and_grad(dpo_loss(module), has_aux=True))
-  (loss_u, m_u), g_u = grad_fn(params, unshared, ref)
-  (loss_s, m_s), g_s = grad_fn(params, shared, ref)
+  (loss_u, m_u), g_u = grad_fn(params, unshared)
+  (loss_s, m_s), g_s = grad_fn(params, shared)
   np.testing.assert_allclose(loss_s, loss_u, **TOL)
   assert_trees_close(m_s, m_u)
   assert_trees_close(g_s, g_u)
@@ -127,15 +127,16 @@ def test_dpo_values_and_gradients_equal_unshared(packing, left, scan):
 def test_every_pairwise_loss_type_equal_unshared(loss_type):
   module, params = tiny()
   unshared, shared = layouts(pair_records(seed=1), packing=True)
-  ref = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))
   fn = jax.jit(dpo_loss(module, loss_type))
-  (loss_u, m_u), (loss_s, m_s) = fn(params, unshared, ref), fn(params, shared, ref)
+  (loss_u, m_u), (loss_s, m_s) = fn(params, unshared), fn(params, shared)
   np.testing.assert_allclose(loss_s, loss_u, **TOL)
   assert_trees_close(m_s, m_u)
 
 
-def test_reference_logps_equal_unshared():
-  module, params = tiny(seed=3)
+# A sliding window (Mistral) counts positions, not slots, in a shared row.
+@pytest.mark.parametrize("window", [None, 4], ids=["full_attention", "sliding_window"])
+def test_reference_logps_equal_unshared(window):
+  module, params = tiny(seed=3, sliding_window=window)
   unshared, shared = layouts(pair_records(seed=2), packing=True)
   assert_trees_close(preference.reference_logps(module, params, shared, 4),
                      preference.reference_logps(module, params, unshared, 4))
@@ -147,19 +148,11 @@ def test_lora_gradients_equal_unshared():
   adapters = jax.tree.map(lambda x: x + 0.05, lora.init_adapters(params, spec,
                                                                  jax.random.PRNGKey(1)))
   unshared, shared = layouts(pair_records(seed=4), packing=True)
-  ref = (jnp.linspace(-40, -20, 6), jnp.linspace(-30, -35, 6))
-  loss = lambda a, batch: dpo_loss(module)(lora.combine(params, a), batch, ref)[0]
+  loss = lambda a, batch: dpo_loss(module)(lora.combine(params, a), batch)[0]
   grad_fn = jax.jit(jax.value_and_grad(loss))
   (lu, gu), (ls, gs) = grad_fn(adapters, unshared), grad_fn(adapters, shared)
   np.testing.assert_allclose(ls, lu, **TOL)
   assert_trees_close(gs, gu)
-
-
-def test_sliding_window_counts_positions_not_slots():
-  module, params = tiny(sliding_window=4)
-  unshared, shared = layouts(pair_records(seed=5), packing=True)
-  assert_trees_close(preference.reference_logps(module, params, shared, 4),
-                     preference.reference_logps(module, params, unshared, 4))
 
 
 def token_logprobs(module, params, batch):
@@ -278,9 +271,9 @@ def test_bundled_dpo_loss_and_gradients_equal_unshared():
     batches[shared] = jax.tree.map(jnp.asarray, next(build_loader(data, lm.tokenizer,
                                                                   "preference", 4, seed=0)))
   ref = (jnp.asarray([-40.0, -30.0, -35.0, -20.0]), jnp.asarray([-25.0, -45.0, -30.0, -33.0]))
-  grad_fn = jax.jit(jax.value_and_grad(dpo_loss(lm.model), has_aux=True))
-  (loss_u, m_u), g_u = grad_fn(lm.params, batches[False], ref)
-  (loss_s, m_s), g_s = grad_fn(lm.params, batches[True], ref)
+  grad_fn = jax.jit(jax.value_and_grad(dpo_loss(lm.model, ref=ref), has_aux=True))
+  (loss_u, m_u), g_u = grad_fn(lm.params, batches[False])
+  (loss_s, m_s), g_s = grad_fn(lm.params, batches[True])
   assert batches[True]["input_ids"].shape[0] < 4  # packed
   np.testing.assert_allclose(loss_s, loss_u, **TOL)
   assert_trees_close(m_s, m_u)

@@ -97,7 +97,7 @@ BAD_VALUES = [  # (recipe, key, value, what the error must say)
     ("dpo:tiny", "label_smoothing", 0.6, "config.label_smoothing"),
     ("dpo:tiny", "loss_type", "kto", "config.loss_type='kto' trains on unpaired rows"),
     ("dpo:tiny", "ref.name_or_path", "/no/such/model", "config.ref.name_or_path='/no/such/model'"),
-    ("dpo:tiny", "data.packing", True, "config.data.packing is for SFT batches and prefix-shared"),
+    ("dpo:kto", "data.packing", True, "config.data.packing is for SFT batches and prefix-shared"),
     ("dpo:kto", "loss_type", "sigmoid", "config.algorithm='kto' needs config.loss_type='kto'"),
     ("rm:tiny", "data.train", "synthetic", "only provides 'sft' batches"),
 ]

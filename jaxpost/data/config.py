@@ -74,7 +74,7 @@ def data_defaults() -> ml_collections.ConfigDict:
   c.truncation_mode = "keep_end"
   c.buckets = None
   c.packing = False
-  c.prefix_sharing = False
+  c.prefix_sharing = True
   c.train_on = "all_assistant"
   c.chat_template = None
   c.system_prompt = None

@@ -148,8 +148,8 @@ class Loader:
     """What a saved position is only valid for: data, order and batch shape (named, so a
     mismatch on resume can say which differs)."""
     lengths = [sum(len(v) for k, v in r.items() if k.endswith("ids")) for r in self.table.records]
-    return {"kind": self.kind, "batch_size": self.batch_size, "packing": self.packing,
-            "prefix_sharing": self.prefix_sharing,
+    shared = {"prefix_sharing": True} if self.prefix_sharing else {}  # older runs: absent
+    return {"kind": self.kind, "batch_size": self.batch_size, "packing": self.packing, **shared,
             "seed": self.stream.seed, "examples_per_source_per_epoch": self.stream.draws,
             "shuffle": self.stream.shuffle, "buckets": list(self.buckets),
             "example_lengths_sha1": hashlib.sha1(np.asarray(lengths, np.int64).tobytes())
