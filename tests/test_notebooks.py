@@ -1,7 +1,9 @@
 """The notebooks (notebooks/*.ipynb) run top to bottom in a real Jupyter kernel (nbclient +
 ipykernel, the test extra) with their default cells: any cell error fails the test. The kernel
 imports jaxpost from this checkout (PYTHONPATH) and runs in a temporary folder, where the
-notebooks' `runs/` go. Each takes minutes on a 2-core CPU (the bundled SmolLM2 is trained)."""
+notebooks' `runs/` go. They train the bundled SmolLM2, so they are the suite's slowest tests:
+measured on the 2-core CPU shared with other jobs (load average 11-13, so loose; a cold XLA
+cache), quickstart 490 s and rl 388 s."""
 
 import os
 from pathlib import Path
