@@ -102,27 +102,32 @@ def present_panels(runs: list) -> list:
 def plot_runs(workdirs: Sequence, labels: Optional[Sequence[str]] = None):
   """The curves figure (module docstring) of the runs in `workdirs`; ValueError when none of
   them logged any plotted metric."""
-  from matplotlib.figure import Figure
-
   runs = load_runs(workdirs, labels)
   panels = present_panels(runs)
   if not panels:
     raise ValueError(f"nothing to plot: {', '.join(map(str, workdirs))} logged none of "
                      f"{sorted(k for p in PANELS for k in p.keys)}")
-  rows = math.ceil(len(panels) / COLUMNS)
-  columns = min(COLUMNS, len(panels))
-  width, height = PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + TITLE_HEIGHT
-  fig = Figure(figsize=(width, height))
-  # fixed margins (in inches, as fractions) instead of a layout engine: the same look, and
-  # drawing stays cheap enough for the end of every run
-  fig.subplots_adjust(left=0.75 / width, right=1 - 0.25 / width, bottom=0.55 / height,
-                      top=1 - (TITLE_HEIGHT + 0.3) / height, wspace=0.3, hspace=0.55)
+  fig, rows, columns = _empty_figure(len(panels))
   colors = [f"C{i % 10}" for i in range(len(runs))]
   for index, panel in enumerate(panels):
     _draw_panel(fig.add_subplot(rows, columns, index + 1), panel, runs, colors)
-  fig.suptitle("  |  ".join(run.label for run in runs), y=1 - 0.15 / height,
+  fig.suptitle("  |  ".join(run.label for run in runs), y=1 - 0.15 / fig.get_figheight(),
                verticalalignment="top")
   return fig
+
+
+def _empty_figure(panels: int) -> tuple:
+  """(Figure, rows, columns) sized for `panels` panels in rows of COLUMNS, with fixed margins
+  (inches as fractions) instead of a layout engine: the same look, and drawing stays cheap
+  enough for the end of every run."""
+  from matplotlib.figure import Figure
+
+  rows, columns = math.ceil(panels / COLUMNS), min(COLUMNS, panels)
+  width, height = PANEL_SIZE[0] * columns, PANEL_SIZE[1] * rows + TITLE_HEIGHT
+  fig = Figure(figsize=(width, height))
+  fig.subplots_adjust(left=0.75 / width, right=1 - 0.25 / width, bottom=0.55 / height,
+                      top=1 - (TITLE_HEIGHT + 0.3) / height, wspace=0.3, hspace=0.55)
+  return fig, rows, columns
 
 
 def _draw_panel(ax, panel: Panel, runs: list, colors: list):
