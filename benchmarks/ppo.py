@@ -1,8 +1,8 @@
 """PPO speed: one iteration of jaxpost vs TRL's experimental PPOTrainer, SmolLM2-135M fp32.
 
-    pip install --no-deps --target /tmp/trl_ppo_site "trl==1.0.0" accelerate  # never the project env
+    pip install --no-deps --target /tmp/trl_ppo_site "trl==1.0.0" accelerate  # not the project env
     PYTHONPATH=/tmp/trl_ppo_site python benchmarks/ppo.py [--steps=2] [--prompts=8]
-        [--new_tokens=48] [--grad_accum=2] [--torch_threads=N]
+        [--new_tokens=32] [--grad_accum=2] [--torch_threads=N]
 
 TRL 1.16 no longer ships `trl.experimental.ppo`; 1.0.0 is the last release that has it.
 
@@ -194,7 +194,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=2, help="timed iterations after the first")
   parser.add_argument("--prompts", type=int, default=8)
-  parser.add_argument("--new_tokens", type=int, default=48)
+  parser.add_argument("--new_tokens", type=int, default=32)
   parser.add_argument("--grad_accum", type=int, default=2, help="microbatches per minibatch")
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
   parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -237,9 +237,9 @@ def notes(args, ours: dict, ref: dict, ratio: str, load: float) -> str:
       f"{keys}; AdamW lr {LEARNING_RATE:g} for policy and critic, clipping at norm 1.",
       "Rollout: sampling + the reward model's scores (TRL: its generate call and its reward",
       "model's forwards; jaxpost: the sampling jit, which scores in-graph); update: the",
-      "reference and critic forwards, GAE and the PPO epochs (TRL's rollout loop also",
-      "recomputes nothing: it takes the sampled log-probs from generate's logits; jaxpost",
-      "recomputes them in the update's first forward). Mean score: the reward model's",
+      "reference and critic forwards, GAE and the PPO epochs (TRL takes the sampled tokens'",
+      "log-probs from generate's logits; jaxpost recomputes them in the update's jit).",
+      "Mean score: the reward model's",
       "objective/scores over the timed iterations (the score head is untrained, so it only",
       "shows that both sides score). TRL reports no completion lengths. Median of",
       f"{args.steps} timed iterations after the first (jaxpost: XLA compilation; TRL: eager",
