@@ -28,8 +28,10 @@ def test_sizes_and_disjoint_splits():
   train, held = prompts("train"), prompts("eval")
   assert len(train) == arithmetic.TRAIN_SIZE and len(held) == arithmetic.EVAL_SIZE  # unique
   assert not train & held
-  for kind in tasks.KINDS:
+  for kind in set(tasks.KINDS) - set(tasks.SAMPLED_KINDS):
     assert prompts("eval", kind) == held
+  for kind in tasks.SAMPLED_KINDS:  # only the prompts with a pair, each on its split's side
+    assert prompts("eval", kind) <= held and prompts("train", kind) <= train
 
 
 def test_rows_are_correct_and_consistent():
@@ -64,6 +66,22 @@ def test_unpaired_rows():
   assert labels[:20].tolist() != [True, False] * 10  # shuffled, not chosen/rejected alternation
   scores = reward_fn("arithmetic")([r["prompt"] for r in rows], [r["completion"] for r in rows])
   assert np.all(scores[labels] == 1.0)
+
+
+def test_onpolicy_rows_are_verified_pairs_of_the_bundled_model():
+  check = reward_fn("arithmetic")
+  for split, sampled in (("train", 512), ("eval", 96)):  # the prompts sampled (tasks docstring)
+    rows = plain(split, "onpolicy")
+    first = set(arithmetic.prompt_of(q) for q in arithmetic.questions(split)[:sampled])
+    ps = [r["prompt"] for r in rows]
+    assert len(set(ps)) == len(ps) and set(ps) <= first and len(rows) >= sampled // 8
+    assert np.all(check(ps, [r["chosen"] for r in rows]) == 1.0)
+    assert np.all(check(ps, [r["rejected"] for r in rows]) == 0.0)
+    assert all(r["chosen_reward"] == 1.0 and r["rejected_reward"] == 0.0 for r in rows)
+    assert [r["answer"] for r in rows] == [arithmetic.evaluate(p) for p in ps]
+  conv = task_rows("arithmetic", "eval", "onpolicy")
+  assert conv[0]["chosen"] == [{"role": "assistant", "content": plain("eval", "onpolicy")[0][
+      "chosen"]}]
 
 
 def test_conversational_rows_by_default():

@@ -15,11 +15,29 @@ treats standard rows). Columns:
   "unpaired"   prompt, completion, label          KTO: each question's chosen (True) and rejected
                                                   (False), in a fixed shuffled order
   "prompt"     prompt, answer                     for generation / RL with `reward_fn`
+  "onpolicy"   prompt, chosen, rejected, answer,  sampled from the bundled SmolLM2-135M-Instruct
+               chosen_reward, rejected_reward     (chosen: a sample the verifier passes, rejected:
+                                                  one it fails), shipped as <task>_onpolicy_
+                                                  <split>.jsonl; only the prompts with such a pair
 The "train" and "eval" splits never share a question; rows are identical on every call and machine.
+
+The "onpolicy" files are the `data.jsonl` of the best-vs-worst pairs pipeline (iterative DPO's
+first round: pairs of the initial policy's own samples, Xiong et al. 2024; Pang et al. 2024), run
+once with the bundled model on the first 512 "train" prompts and on the first 96 "eval" prompts:
+
+    python scripts/pipeline.py --config=configs/rejection_sampling.py:pairs --config.rounds=1 \
+        --config.train_after=False --config.prompts_per_round=512 --config.workdir=onpolicy_train
+    python scripts/pipeline.py --config=configs/rejection_sampling.py:pairs --config.rounds=1 \
+        --config.train_after=False --config.prompts_per_round=96 --config.workdir=onpolicy_eval \
+        --config.data.train=eval_prompts.jsonl   # task_rows("arithmetic", "eval", "prompt")
+
+(8 samples per prompt at temperature 0.8, 16 new tokens; verifier: the final number is right.)
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -27,7 +45,9 @@ import numpy as np
 from jaxpost.data.tasks import arithmetic
 
 TASKS = ("arithmetic",)
-KINDS = ("sft", "preference", "ranked", "unpaired", "prompt")
+KINDS = ("sft", "preference", "ranked", "unpaired", "prompt", "onpolicy")
+SAMPLED_KINDS = ("onpolicy",)  # read from files shipped next to this module, not generated
+COMPLETION_COLUMNS = ("completion", "chosen", "rejected")  # one assistant message each
 
 
 def _check_name(name: str):
@@ -61,7 +81,7 @@ def _row(question: str, rng: np.random.Generator, kind: str, k: int) -> list[dic
 def _conversational(row: dict) -> dict:
   out = dict(row)
   out["prompt"] = [{"role": "user", "content": row["prompt"]}]
-  for key in ("completion", "chosen", "rejected"):
+  for key in COMPLETION_COLUMNS:
     if key in row:
       out[key] = [{"role": "assistant", "content": row[key]}]
   if "responses" in row:
@@ -80,6 +100,9 @@ def task_rows(name: str, split: str, kind: str, k: int = 3,
     raise ValueError(f"task_rows({name!r}): kind must be one of {KINDS}, got {kind!r}")
   if not 2 <= k <= 4:
     raise ValueError(f"task_rows({name!r}): ranked k must be in [2, 4], got {k}")
+  if kind in SAMPLED_KINDS:
+    rows = _sampled_rows(name, split, kind)
+    return rows if conversational else [_plain(r) for r in rows]
   rows = []
   for i, q in enumerate(arithmetic.questions(split)):
     rows.extend(_row(q, _question_rng(split, i), kind, k))
@@ -87,6 +110,21 @@ def task_rows(name: str, split: str, kind: str, k: int = 3,
     order = np.random.default_rng(arithmetic.SEEDS[split]).permutation(len(rows))
     rows = [rows[i] for i in order]
   return [_conversational(r) for r in rows] if conversational else rows
+
+
+def _sampled_rows(name: str, split: str, kind: str) -> list[dict]:
+  """The shipped rows of a sampled kind (module docstring), conversational as written."""
+  if split not in arithmetic.SEEDS:
+    raise ValueError(f"task_rows({name!r}): split must be 'train' or 'eval', got {split!r}")
+  path = Path(__file__).with_name(f"{name}_{kind}_{split}.jsonl")
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(row: dict) -> dict:
+  """The inverse of `_conversational`: message lists replaced by their content."""
+  out = dict(row, prompt=_text(row["prompt"], "user"))
+  out.update({k: _text(row[k], "assistant") for k in COMPLETION_COLUMNS if k in row})
+  return out
 
 
 def _text(value, role: str) -> str:
