@@ -66,6 +66,7 @@ def test_main_job_reads_the_shipped_onpolicy_pairs(tok):
   every shipped pair, at most data.max_length tokens, eval from the held-out file."""
   c = jaxpost.configs.get("dpo")
   c.data.cache = False
+  c.data.prefix_sharing = False  # the two-row layout (tests/test_prefix_sharing.py: the shared)
   for split in ("train", "eval"):
     loader = build_loader(c.data, tok, "preference", 8, split=split, process_index=0,
                           process_count=1)

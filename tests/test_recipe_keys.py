@@ -302,7 +302,7 @@ def _check_ppo_keys(out, records, workdir, stdout):
   """A random model never ends a completion: the missing-EOS penalty makes every score
   negative, clipped at −0.75; β adapts (KL below the target: it shrinks); the shared-backbone
   critic is a score head alone (its checkpointed member); the first iteration is the critic's
-  warm-up: the loss is its value term alone."""
+  warm-up: the loss is its value term alone; then the entropy bonus (ent_coef 0.01) enters."""
   from jaxpost.train.checkpoint import Checkpointer
   ckpt = Checkpointer(str(workdir), read_only=True)
   try:
@@ -316,7 +316,9 @@ def _check_ppo_keys(out, records, workdir, stdout):
   assert first["kl_coef"] == pytest.approx(0.1) and second["kl_coef"] < first["kl_coef"]
   assert first["grad_norm/value"] > 0
   assert first["loss"] == pytest.approx(0.2 * first["loss/value_avg"], rel=1e-5)
+  assert second["policy/entropy_avg"] > 1.0
   assert second["loss"] == pytest.approx(second["loss/policy_avg"]
+                                         - 0.01 * second["policy/entropy_avg"]
                                          + 0.2 * second["loss/value_avg"], rel=1e-5)
 
 
