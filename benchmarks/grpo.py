@@ -14,7 +14,8 @@ update per rollout (num_iterations 1, so the clipped ratio is 1 and no old-polic
 needed), AdamW at the same learning rate, no warm-up, gradient clipping at norm 1.
 
   jaxpost  `jaxpost.configs.get("grpo")` through `jaxpost.train`, log_every 1; step_time,
-           time/rollout, time/update and compile_time from metrics.jsonl
+           time/rollout, time/update and compile_time from metrics.jsonl; twice: with the
+           default group prefix sharing and with data.prefix_sharing=False (same samples)
   TRL      trl.GRPOTrainer (transformers generate, no vLLM), num_generations G,
            per_device_train_batch_size P x G (TRL counts completions: one generation batch of P
            prompts x G per optimiser step), gradient_accumulation_steps 1; rollout =
@@ -285,22 +286,36 @@ def main():
     outcome = run.run_task("grpo", argparse.Namespace(
         steps=args.steps, torch_threads=args.torch_threads, overrides={}),
         {"rollouts": shape}, {}, Path(tmp))
-  spec, ours, ref = outcome["spec"], outcome["jaxpost"], outcome["reference"]
+    spec, ours, ref = outcome["spec"], outcome["jaxpost"], outcome["reference"]
+    unshared = run.run_impl({**spec, "overrides": {"data.prefix_sharing": False}}, "jaxpost",
+                            Path(tmp))
   ratio = speedup_text(ours, ref)
-  table = [HEADER, table_row("jaxpost", spec, ours, ratio),
+  table = [HEADER, table_row("jaxpost (groups prefix-shared, default)", spec, ours, ratio),
+           table_row("jaxpost, data.prefix_sharing=False", spec, unshared,
+                     speedup_text(unshared, ref)),
            table_row(run.TASKS["grpo"].reference, spec, ref, "1.00x")]
   common.write_result(
       "grpo", "GRPO: one iteration, jaxpost vs TRL GRPOTrainer, SmolLM2-135M fp32",
       f"PYTHONPATH=/tmp/trl_site python benchmarks/grpo.py --steps={args.steps} "
       f"--prompts={args.prompts} --generations={args.generations} "
       f"--new_tokens={args.new_tokens} --torch_threads={args.torch_threads}", table,
-      notes(args, ours, ref, ratio, load), save=args.write or "missing" not in ours)
+      notes(args, ours, unshared, ref, ratio, load), save=args.write or "missing" not in ours)
 
 
-def notes(args, ours: dict, ref: dict, ratio: str, load: float) -> str:
+def update_speedup(shared: dict, unshared: dict) -> str:
+  if "missing" in shared or "missing" in unshared:
+    return "-"
+  return f"{statistics.median(unshared['update_times']) / statistics.median(shared['update_times']):.2f}x"
+
+
+def notes(args, ours: dict, unshared: dict, ref: dict, ratio: str, load: float) -> str:
   settings = lambda r: ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) or "-"
   return " ".join([
       f"jaxpost / TRL whole-step time: {ratio} (target >= 2x).",
+      "Prefix sharing (algos/shared_groups.py): the update runs on one [prompt | y_1 | ... |",
+      "y_G] row per group instead of G [prompt | y_j] rows; the same math (tests/",
+      f"test_shared_groups.py); update time unshared / shared: {update_speedup(ours, unshared)}",
+      "(target >= 2x).",
       f"{args.prompts} prompts of the built-in arithmetic task per iteration (jaxpost's prompt",
       "loader, shuffle off, the model's chat template; TRL's prompt token ids asserted equal),",
       f"{args.generations} sampled completions each (temperature 1, up to {args.new_tokens} new",

@@ -31,12 +31,14 @@ mfu/rollout, mfu/update (generation + scoring FLOPs, update FLOPs, each over its
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxpost.algos import iteration, scoring
+from jaxpost.algos import iteration, scoring, shared_groups
 from jaxpost.algos.rollout import RolloutConfig, frozen_logprobs, logp_difference
 from jaxpost.losses import grpo as grpo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
@@ -44,6 +46,7 @@ from jaxpost.train import sharding as sh
 from jaxpost.train.algorithms import Algorithm, register
 from jaxpost.train.step import gradient_step, scan_updates
 
+log = logging.getLogger(__name__)
 SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions")
 LOOP_KEYS = ("num_iterations", "num_minibatches")  # section keys that are not loss keys
 
@@ -125,11 +128,16 @@ def check_keys(config):
 # --- the loss of one microbatch ----------------------------------------------------------------
 
 def rollout_loss(s: Settings, params, frozen, batch, rng, ctx):
-  """Clipped-surrogate loss of one microbatch of rollout rows (see the module docstring)."""
+  """Clipped-surrogate loss of one microbatch of rollout rows, or of whole prefix-shared groups
+  (`shared_groups.grouped_batch`), see the module docstring."""
   del frozen
-  stats = model_token_stats(ctx.model, params, batch, chunk_size=s.chunk_size,
-                            temperature=s.rollout.scoring_temperature,
-                            dropout_rng=rng if ctx.training else None)
+  kwargs = {"chunk_size": s.chunk_size, "temperature": s.rollout.scoring_temperature,
+            "dropout_rng": rng if ctx.training else None}
+  if shared_groups.is_grouped(batch):
+    stats = shared_groups.grouped_token_stats(ctx.model, params, batch, **kwargs)
+    batch = shared_groups.ungrouped(batch)
+  else:
+    stats = model_token_stats(ctx.model, params, batch, **kwargs)
   logps, mask = stats["logprobs"], batch["loss_mask"]
   old = batch.get("old_logps")
   if s.family == "rloo":
@@ -189,15 +197,19 @@ def make_iteration_update(s: Settings, setup, ref_module):
     if "ref" in frozen:
       ref_logps = frozen_logprobs(ref_module, frozen["ref"], rollout, s.rollout)
     adv, mask, metrics = advantages_and_mask(s, rewards, rollout, ref_logps)
-    batch = {k: rollout[k] for k in SEQUENCE_FIELDS}
-    batch.update(loss_mask=mask, advantages=adv,
-                 weight=mask.sum(-1) if dapo else jnp.ones(mask.shape[0], jnp.float32))
+    per_row = {"loss_mask": mask, "advantages": adv,
+               "weight": mask.sum(-1) if dapo else jnp.ones(mask.shape[0], jnp.float32)}
     if s.num_iterations > 1:
-      batch["old_logps"] = rollout["logprobs"]
+      per_row["old_logps"] = rollout["logprobs"]
     if not s.rollout.recompute_logprobs:
-      batch["sampler_logps"] = rollout["sampler_logprobs"]
+      per_row["sampler_logps"] = rollout["sampler_logprobs"]
     if ref_logps is not None and s.family == "grpo":
-      batch["ref_logps"] = ref_logps
+      per_row["ref_logps"] = ref_logps
+    if s.rollout.prefix_sharing:
+      batch = shared_groups.grouped_batch(rollout, per_row, s.num_generations,
+                                          s.rollout.max_new_tokens)
+    else:
+      batch = {**{k: rollout[k] for k in SEQUENCE_FIELDS}, **per_row}
     rng = jax.random.fold_in(state.rng, iteration.MINIBATCH_STREAM)
     state, update_metrics = scan_updates(update, state, frozen, batch, s.num_iterations,
                                          s.num_minibatches, setup.mesh, rng)
@@ -214,15 +226,32 @@ def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads
   """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout's
   (`iteration.rollout_flops`); the update adds the reference forward and μ passes of forward +
   backward over the R rows."""
-  forward = iteration.rows_forward_flops(cfg, prompt_width + s.rollout.max_new_tokens, rows)
+  forward = iteration.rows_pass_flops(cfg, s.rollout, prompt_width, rows)
   backward = (3 if weight_grads else 2) * forward * s.num_iterations
   return (iteration.rollout_flops(cfg, s.rollout, prompt_width, rows),
           backward + (forward if reference else 0.0))
 
 
+def groups_shared(config, s: Settings, mesh) -> bool:
+  """Whether the update passes share each group's prompt (`data.prefix_sharing`, G > 1): whole
+  groups must split into num_minibatches x grad_accum microbatches over the data-parallel
+  devices (otherwise the rows stay unshared, and the log says why)."""
+  if not config.data.get("prefix_sharing", False) or s.num_generations == 1:
+    return False
+  parts = s.num_minibatches * config.grad_accum
+  parallel = math.prod(mesh.shape[a] for a in sh.BATCH_AXES) if mesh is not None else 1
+  if config.batch_size % (parts * parallel):
+    log.info("prefix sharing off for this run: config.batch_size=%d groups do not split into "
+             "%d microbatches x %d data-parallel devices", config.batch_size, parts, parallel)
+    return False
+  return True
+
+
 def make_step(setup):
   """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring)."""
   s = settings(setup.config)
+  shared = groups_shared(setup.config, s, setup.mesh)
+  s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=shared))
   lora = "lora_base" in setup.frozen_shardings
   reference = "ref" in setup.frozen_shardings
   update = make_iteration_update(s, setup, setup.ctx.modules.get("ref"))

@@ -67,14 +67,24 @@ def rows_forward_flops(cfg, width: int, rows: int) -> float:
   return forward_flops_per_token(cfg, width) * rows * width
 
 
+def rows_pass_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> float:
+  """Model FLOPs of one forward over the R rollout rows as laid out: R rows of width P + N, or
+  with prefix sharing R / G rows of width P + G N (algos/shared_groups.py)."""
+  if config.prefix_sharing:
+    return rows_forward_flops(cfg, prompt_width + config.num_generations * config.max_new_tokens,
+                              rows // config.num_generations)
+  return rows_forward_flops(cfg, prompt_width + config.max_new_tokens, rows)
+
+
 def rollout_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> float:
   """Model FLOPs of a rollout (PaLM appendix B): the prefill of the R / G prompts of width P,
-  R x N decode steps and, when it recomputes log-probs, a forward of the R rows of width P + N."""
+  R x N decode steps and, when it recomputes log-probs, one pass over the rows."""
   width = prompt_width + config.max_new_tokens
   prompts = rows // config.num_generations
   decode = forward_flops_per_token(cfg, width) * rows * config.max_new_tokens
   prefill = rows_forward_flops(cfg, prompt_width, prompts)
-  recompute = rows_forward_flops(cfg, width, rows) if config.recompute_logprobs else 0.0
+  recompute = (rows_pass_flops(cfg, config, prompt_width, rows) if config.recompute_logprobs
+               else 0.0)
   return prefill + decode + recompute
 
 

@@ -35,6 +35,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxpost.algos import shared_groups
 from jaxpost.generate import default_pad_id, sample_tokens
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.train.sharding import (DEFAULT_RULES, batch_sharding, constrain_rows,
@@ -50,6 +51,8 @@ class RolloutConfig:
   recompute_logprobs: False skips step 3 (`logprobs` is None, no logp_difference metrics), for
   callers whose update recomputes them anyway (GRPO with one update per rollout: the update's
   own forward is π_old, and it reports logp_difference against `sampler_logprobs`).
+  prefix_sharing: the recompute and `frozen_logprobs` run on one [prompt | y_1 | ... | y_G] row
+  per group (algos/shared_groups.py); same values, the prompt computed once.
   """
   num_generations: int
   max_new_tokens: int
@@ -59,6 +62,7 @@ class RolloutConfig:
   stop_token_ids: Optional[tuple] = None
   chunk_size: int = DEFAULT_CHUNK_SIZE
   recompute_logprobs: bool = True
+  prefix_sharing: bool = False
 
   def __post_init__(self):
     if not isinstance(self.num_generations, int) or self.num_generations < 1:
@@ -138,12 +142,9 @@ def _rollout(model, params, prompt_ids, prompt_mask, rng, *, config: RolloutConf
   sampler = sampled["logprobs" if greedy else "sampling_logprobs"]
   sampler_lp = align(jnp.zeros((num_rows, prompt_ids.shape[1]), jnp.float32), sampler)
   layout = {k: constrain_rows(v, sharding) for k, v in layout.items()}
-  fields = {"input_ids": layout["input_ids"], "attention_mask": layout["attention_mask"],
-            "positions": layout["positions"], "loss_mask": layout["completion_mask"]}
   logprobs, metrics = None, {}
   if config.recompute_logprobs:
-    logprobs = model_token_stats(model, params, fields, chunk_size=config.chunk_size,
-                                 temperature=config.scoring_temperature)["logprobs"]
+    logprobs = rows_logprobs(model, params, layout, config)
     metrics = logp_difference(logprobs, sampler_lp, layout["completion_mask"])
   return Rollout(
       **layout, completion_lengths=sampled["lengths"], finished=sampled["stopped"],
@@ -177,14 +178,22 @@ def training_layout(prompt_ids, prompt_mask, tokens, lengths, num_generations: i
           "completion_mask": (valid & (k >= prompt_len[:, None])).astype(jnp.int32)}, align
 
 
-def frozen_logprobs(module, params, rows: dict, config: RolloutConfig):
-  """log pi_frozen(y_t) [R, L] of a frozen model (a reference) on rollout rows (`input_ids`,
-  `attention_mask`, `positions`, `completion_mask`) at the rollout's scoring temperature, at
-  completion positions (0 elsewhere), without gradient."""
+def rows_logprobs(module, params, rows: dict, config: RolloutConfig):
+  """log pi(y_t) [R, L] of `module` on rollout rows (`input_ids`, `attention_mask`,
+  `positions`, `completion_mask`) at the rollout's scoring temperature, at completion positions
+  (0 elsewhere); prefix-shared per group with `config.prefix_sharing`."""
+  kwargs = {"chunk_size": config.chunk_size, "temperature": config.scoring_temperature}
+  if config.prefix_sharing:
+    batch = shared_groups.grouped_batch(rows, {"loss_mask": rows["completion_mask"]},
+                                        config.num_generations, config.max_new_tokens)
+    return shared_groups.grouped_token_stats(module, params, batch, **kwargs)["logprobs"]
   fields = {**rows, "loss_mask": rows["completion_mask"]}
-  stats = model_token_stats(module, params, fields, chunk_size=config.chunk_size,
-                            temperature=config.scoring_temperature)
-  return jax.lax.stop_gradient(stats["logprobs"])
+  return model_token_stats(module, params, fields, **kwargs)["logprobs"]
+
+
+def frozen_logprobs(module, params, rows: dict, config: RolloutConfig):
+  """`rows_logprobs` of a frozen model (a reference), without gradient."""
+  return jax.lax.stop_gradient(rows_logprobs(module, params, rows, config))
 
 
 def logp_difference(logprobs, sampler_logprobs, completion_mask) -> dict:
