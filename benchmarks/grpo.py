@@ -263,10 +263,11 @@ def shape_text(spec: dict) -> str:
   return f"{spec['batch_size']} x {spec['generations']}, {spec['new_tokens']}"
 
 
-def speedup_text(ours: dict, reference: dict) -> str:
-  if "missing" in ours:
+def speedup_text(ours: dict, reference: dict, times: str = "step_times") -> str:
+  """reference / ours median `times`, bold; "-" when a side did not run."""
+  if "missing" in ours or "missing" in reference:
     return "-"
-  return f"**{statistics.median(reference['step_times']) / statistics.median(ours['step_times']):.2f}x**"
+  return f"**{statistics.median(reference[times]) / statistics.median(ours[times]):.2f}x**"
 
 
 def main():
@@ -302,19 +303,13 @@ def main():
       notes(args, ours, unshared, ref, ratio, load), save=args.write or "missing" not in ours)
 
 
-def update_speedup(shared: dict, unshared: dict) -> str:
-  if "missing" in shared or "missing" in unshared:
-    return "-"
-  return f"{statistics.median(unshared['update_times']) / statistics.median(shared['update_times']):.2f}x"
-
-
 def notes(args, ours: dict, unshared: dict, ref: dict, ratio: str, load: float) -> str:
   settings = lambda r: ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) or "-"
   return " ".join([
       f"jaxpost / TRL whole-step time: {ratio} (target >= 2x).",
       "Prefix sharing (algos/shared_groups.py): the update runs on one [prompt | y_1 | ... |",
       "y_G] row per group instead of G [prompt | y_j] rows; the same math (tests/",
-      f"test_shared_groups.py); update time unshared / shared: {update_speedup(ours, unshared)}",
+      f"test_shared_groups.py); update time unshared / shared: {speedup_text(ours, unshared, 'update_times')}",
       "(target >= 2x).",
       f"{args.prompts} prompts of the built-in arithmetic task per iteration (jaxpost's prompt",
       "loader, shuffle off, the model's chat template; TRL's prompt token ids asserted equal),",

@@ -28,7 +28,6 @@ import jax.numpy as jnp
 from jaxpost.losses.logprobs import model_token_stats
 
 SHARED = "shared_"  # prefix of the shared-row fields in an update batch
-SHARED_FIELDS = ("input_ids", "attention_mask", "positions", "branch_ids", "loss_mask")
 
 
 def group_slots(attention_mask, completion_mask, num_generations: int, max_new_tokens: int):
@@ -64,23 +63,27 @@ def unshare(values, slots, mask):
   return rows * mask.reshape(b * g, length).astype(rows.dtype)
 
 
-def shared_rows(rows: dict, num_generations: int, max_new_tokens: int) -> tuple[dict, jax.Array]:
+def shared_rows(rows: dict, num_generations: int, max_new_tokens: int,
+                targets=None) -> tuple[dict, jax.Array]:
   """({`input_ids`, `attention_mask`, `positions`, `branch_ids`, `loss_mask`: [B, W]}, slots)
   of rollout rows (`input_ids`, `attention_mask`, `positions`, `completion_mask`: [R, L]); the
-  shared `loss_mask` is 1 on every completion token."""
+  shared `loss_mask` (the positions whose stats are computed) is `targets` [R, L], by default
+  every completion token."""
   slots, width = group_slots(rows["attention_mask"], rows["completion_mask"], num_generations,
                              max_new_tokens)
   completion = rows["completion_mask"].astype(jnp.int32)
   branch = completion * (jnp.arange(rows["input_ids"].shape[0]) % num_generations + 1)[:, None]
   fields = {"input_ids": rows["input_ids"], "attention_mask": rows["attention_mask"],
-            "positions": rows["positions"], "branch_ids": branch, "loss_mask": completion}
+            "positions": rows["positions"], "branch_ids": branch,
+            "loss_mask": completion if targets is None else targets.astype(jnp.int32)}
   return {k: share(v, slots, width) for k, v in fields.items()}, slots
 
 
 def grouped_batch(rows: dict, per_row: dict, num_generations: int, max_new_tokens: int) -> dict:
   """An update batch of whole groups: the `shared_*` rows [B, W] and `slots` [B, G, L] of the
-  rollout `rows`, and each `per_row` field [R, ...] as [B, G, ...]."""
-  shared, slots = shared_rows(rows, num_generations, max_new_tokens)
+  rollout `rows` (stats computed at the per-row `loss_mask` only), and each `per_row` field
+  [R, ...] as [B, G, ...]."""
+  shared, slots = shared_rows(rows, num_generations, max_new_tokens, per_row["loss_mask"])
   batch = {SHARED + k: v for k, v in shared.items()}
   batch["slots"] = slots
   for k, v in per_row.items():
