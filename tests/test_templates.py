@@ -18,13 +18,13 @@ ROWS = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": "yes", "options": [
 
 def test_render_zero_few_shot_options_and_inverted():
   assert render(ROWS[0], NLI[0]) == {
-      "prompt": "Premise: p0\nHypothesis: h0\nEntailed?\n\nOPTIONS:\n- yes\n- no",
+      "prompt": "Premise: p0\nHypothesis: h0\nEntailed?\n\nOPTIONS:\n- yes\n- no\n",
       "completion": "yes"}
-  assert render(ROWS[0], NLI[0], with_options=False)["prompt"].endswith("Entailed?")
+  assert render(ROWS[0], NLI[0], with_options=False)["prompt"].endswith("Entailed?\n")
   few = render(ROWS[0], NLI[1], exemplars=ROWS[1:3])
   assert few["prompt"] == ("Write a hypothesis that the premise entails: p1\nh1\n\n"
                            "Write a hypothesis that the premise entails: p2\nh2\n\n"
-                           "Write a hypothesis that the premise entails: p0")
+                           "Write a hypothesis that the premise entails: p0\n")
   assert few["completion"] == "h0"
   rows = render_task(ROWS, NLI, "nli", seed=0, shots=(0, 2))
   assert {r["template"] for r in rows} == {"plain", "inverted"} and {r["shots"] for r in rows} \

@@ -35,7 +35,7 @@ SEED_TEMPLATES = [
 ARITHMETIC_TEMPLATES = [
     {"name": "question", "prompt": "{prompt[0][content]}", "completion": "{completion[0][content]}"},
     {"name": "solve", "prompt": "Solve: {prompt[0][content]}\nAnswer:",
-     "completion": " {completion[0][content]}"}]
+     "completion": "{completion[0][content]}"}]
 
 
 def get_config(arg=None):

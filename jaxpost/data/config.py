@@ -8,13 +8,22 @@ Sources (`train`, `eval`) are one spec or a list of specs (a weighted mixture). 
     "org/name"                            a hub dataset (split from train_split / eval_split)
     [{"prompt": ..., ...}, ...]           Python rows (or a datasets.Dataset)
     {"source": <any of the above> | "rows": [...], "weight": 1.0, "max_rows": None,
-     "split": None, "subset": None, "columns": {}, "task_kind": None, "name": None}
+     "split": None, "subset": None, "columns": {}, "task_kind": None, "name": None,
+     "templates": None, "shots": [0], "options": "both", "options_column": "options",
+     "chat": False}
 
 `train` and `eval` accept any of these directly, from Python (`config.data.train = rows`) and
 from the command line (`--config.data.train=data/x.jsonl`): they are untyped fields.
 
 `weight`s set each source's share of an epoch (epoch size = sum of the sources' example
-counts); `max_rows` caps the rows read from a source. `columns` maps canonical column names
+counts); with `mixture="examples"` (FLAN, T5 §3.5.2) source i's share is instead
+w_i · min(n_i, K) / Σ_j w_j · min(n_j, K) for its n_i examples and `mixture_cap` K (0: no cap),
+and an epoch is Σ_i min(n_i, K) examples. `max_rows` caps the rows read from a source.
+`templates` (a list of {prompt, completion, name, inverted}; `data.templates` for every source
+without its own) renders a source's rows of any columns into prompt/completion rows through
+instruction templates, FLAN style: `shots` few-shot exemplar counts, answer `options`
+(True | False | "both") from `options_column`, `chat` for one user and one assistant message
+instead of plain strings (jaxpost/data/templates.py). `columns` maps canonical column names
 (prompt, completion, chosen, rejected, margin, messages, text, responses, scores, label,
 instruction, input, output, conversations, and the message keys role/content) to the dataset's
 names. `task_kind` picks the rows a builtin task generates ("ranked" for reward models; None: the
@@ -33,6 +42,11 @@ KEYS = {  # data.<key>: doc
     "train_split": "hub / save_to_disk split read for data.train",
     "eval_split": "hub / save_to_disk split read for data.eval",
     "columns": "canonical column name -> the dataset's column name",
+    "templates": "instruction templates for every source without its own `templates` (module "
+                 "docstring; None: rows are read as they are)",
+    "mixture": "how sources share an epoch: weights (by `weight`) | examples (examples-"
+               "proportional, times `weight`, capped at data.mixture_cap)",
+    "mixture_cap": 'per-source cap K of data.mixture="examples" (0: none)',
     "max_length": "tokens per sequence (prompt + completion); longer rows are truncated",
     "max_prompt_length": "prompt token budget (None: max_length // 2 when cutting)",
     "max_completion_length": "completion token budget (None: the rest)",
@@ -70,6 +84,9 @@ def data_defaults() -> ml_collections.ConfigDict:
   c.eval_split = "test"
   c.task_kind = config_dict.placeholder(str)
   c.columns = ml_collections.ConfigDict()
+  c.templates = ml_collections.FieldReference(None, field_type=object)
+  c.mixture = "weights"
+  c.mixture_cap = 0
   c.max_length = 1024
   c.max_prompt_length = None
   c.max_completion_length = None

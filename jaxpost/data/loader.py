@@ -9,8 +9,10 @@ At build time every source is read exactly as written (`sources`, `readers`), no
 (`formats`), tokenised once (`chat`; cached on disk, `table` and `cache`) and kept in memory;
 `loader.summary` counts rows read, kept, dropped by reason, tokens and the truncation rate.
 
-Order. Epoch e draws n_s = round(E * w_s / sum(w)) examples from source s (E = total example
-count): source s cycles through its own seeded permutations, so an over-weighted source repeats
+Order. Epoch e draws n_s = round(E * r_s) examples from source s, r_s = w_s / sum(w) and E the
+total example count (data.mixture="weights"), or r_s = w_s min(N_s, K) / sum_t w_t min(N_t, K) and
+E = sum_t min(N_t, K) for sources of N_s examples (data.mixture="examples", K = data.mixture_cap,
+jaxpost/data/templates.py `mixture_rates`): source s cycles through its own seeded permutations, so an over-weighted source repeats
 and an under-weighted one is subsampled without repeats until exhausted. The epoch's draws are
 then shuffled with seed (seed, e). Stream position k is therefore a pure function of
 (seed, weights, data), and the loader state is only the position (plus the examples packing
@@ -41,6 +43,7 @@ from jaxpost.data.heldout import eval_plan, loader_plan, part_label
 from jaxpost.data.sources import parse_sources, plain
 from jaxpost.data.synthetic import SyntheticLoader, parse_spec
 from jaxpost.data.table import Table, build_table, format_summary
+from jaxpost.data.templates import mixture_rates
 
 log = logging.getLogger(__name__)
 __all__ = ["Loader", "Stream", "Table", "build_loader", "format_summary", "make_loader"]
@@ -53,7 +56,7 @@ class Stream:
   """Stream position k -> example id (module docstring: epochs, weights, seeded shuffles)."""
 
   def __init__(self, source_ids: list[np.ndarray], weights: list[float], seed: int,
-               shuffle: bool):
+               shuffle: bool, mixture: str = "weights", cap: int = 0):
     sizes = [len(ids) for ids in source_ids]
     total, wsum = sum(sizes), sum(weights)
     if not total or not wsum:
@@ -61,7 +64,15 @@ class Stream:
     for ids, w, n in zip(source_ids, weights, range(len(sizes))):
       if w > 0 and not len(ids):
         raise ValueError(f"data source #{n} has weight {w} but no usable examples")
-    self.draws = [int(round(total * w / wsum)) for w in weights]
+    if mixture == "weights":
+      rates = [w / wsum for w in weights]
+    elif mixture == "examples":
+      total = sum(min(n, cap) if cap else n for n in sizes)
+      rates = list(mixture_rates(dict(enumerate(sizes)), cap or None,
+                                 dict(enumerate(weights))).values())
+    else:
+      raise ValueError(f"data.mixture={mixture!r}; choose weights | examples")
+    self.draws = [int(round(total * r)) for r in rates]
     self.epoch_size = sum(self.draws)
     if not self.epoch_size:
       raise ValueError(f"data source weights {weights} give an empty epoch")
@@ -273,7 +284,12 @@ def build_loader(data_cfg, tokenizer, kind: str, batch_size: int, seed: int = 0,
   table.summary["split"] = part_label(split, part, fraction)
   log.info(format_summary(table.summary))
   stream = Stream(table.source_ids, [s.weight for s in specs], seed,
-                  bool(cfg["shuffle"]) and split == "train")
+                  bool(cfg["shuffle"]) and split == "train", cfg["mixture"],
+                  int(cfg["mixture_cap"] or 0))
+  if len(specs) > 1:
+    table.summary["epoch_draws"] = {s.name: n for s, n in zip(specs, stream.draws)}
+    log.info("data[%s]: an epoch draws %s (data.mixture=%s)", split, table.summary["epoch_draws"],
+             cfg["mixture"])
   buckets = batching.resolve_buckets(cfg["buckets"], cfg["max_length"])
   return Loader(table, stream, kind, batch_size, buckets, ct.pad_id, bool(cfg["packing"]),
                 process_index, process_count, int(cfg["prefetch"]), bool(cfg["prefix_sharing"]))

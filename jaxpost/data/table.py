@@ -28,7 +28,7 @@ from jaxpost.data import cache
 from jaxpost.data.chat import ChatTokenizer, Limits, tokenize_example
 from jaxpost.data.formats import DataError, normalize_row
 from jaxpost.data.heldout import select_part
-from jaxpost.data.sources import read_rows
+from jaxpost.data.sources import read_rows, templated
 
 log = logging.getLogger(__name__)
 ALWAYS_DROPPED = ("no_trainable_tokens",)  # a consequence of the limits, not bad input
@@ -56,7 +56,8 @@ def build_table(specs, ct: ChatTokenizer, kind: str, split: str, cfg: dict,
   """Reads every source at `split`, then loads the cached table or tokenises (and caches) it;
   `part` = (side, fraction) of a held-out slice (jaxpost/data/heldout.py) keeps that side of
   each source's rows."""
-  sources = [select_part(list(read_rows(spec, split, kind, cfg)), *part) for spec in specs]
+  sources = [templated(spec, select_part(list(read_rows(spec, split, kind, cfg)), *part),
+                       cfg.get("templates")) for spec in specs]
   path = cache.table_path(cfg, ct, kind, split, [s.name for s in specs], sources)
   table = cache.load_table(path) if path else None
   if table is None:

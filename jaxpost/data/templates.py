@@ -11,7 +11,7 @@ prompt/completion rows:
 Fields are the row's columns in `str.format` syntax. `{options_}` is the answer-options block
 (FLAN's "OPTIONS:\\n- yes\\n- no" from the row's `options` column, or "" when options are off);
 few-shot rendering puts k exemplars (other rows of the task through the same template, each
-prompt followed by its completion) before the prompt. `render_task` draws one template per row
+prompt, a newline and its completion) before the prompt, which ends with the same newline. `render_task` draws one template per row
 (and, with `options="both"` / `shots` lists, one variant), seeded, so a task yields zero-shot and
 few-shot rows, with and without options. A row missing a field fails naming the source, the row
 and the field.
@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from typing import Mapping, Optional, Sequence
+from typing import Collection, Mapping, Optional, Sequence
 
 import numpy as np
 
 from jaxpost.data.formats import DataError
 
 OPTIONS_FIELD = "options_"
+SEPARATOR = "\n"  # between a rendered prompt and its completion (exemplars and the row alike)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +58,16 @@ def options_block(options: Optional[Sequence[str]]) -> str:
   return "\n\nOPTIONS:\n" + "\n".join(f"- {o}" for o in options)
 
 
+def missing_fields(row: Mapping, template: Template) -> list[str]:
+  """The row columns `template` names that `row` lacks (or holds as None)."""
+  names = sorted({f.split(".")[0].split("[")[0] for f in template.fields()} - {OPTIONS_FIELD})
+  return [f for f in names if row.get(f) is None]
+
+
 def _fill(text: str, row: Mapping, template: Template, where: tuple) -> str:
-  for field in {f.split(".")[0].split("[")[0] for f in template.fields()}:
-    if field not in row or row[field] is None:
-      raise DataError("missing_field", f"template {template.name or template.prompt[:30]!r} "
-                      f"needs field {field!r}; the row has {sorted(row)}", field).at(*where)
+  for field in missing_fields(row, template):
+    raise DataError("missing_field", f"template {template.name or template.prompt[:30]!r} "
+                    f"needs field {field!r}; the row has {sorted(row)}", field).at(*where)
   return text.format_map(row)
 
 
@@ -71,36 +77,93 @@ def render(row: Mapping, template: Template, with_options: bool = True,
   """{"prompt", "completion"} of one row (module docstring); `where` = (source, row index)."""
   def values(r):
     return {**r, OPTIONS_FIELD: options_block(r.get(options_column)) if with_options else ""}
-  shots = [_fill(template.prompt, values(e), template, where) + "\n"
+  shots = [_fill(template.prompt, values(e), template, where) + SEPARATOR
            + _fill(template.completion, values(e), template, where) for e in exemplars]
   prompt = _fill(template.prompt, values(row), template, where)
-  return {"prompt": "\n\n".join(shots + [prompt]),
+  return {"prompt": "\n\n".join(shots + [prompt]) + SEPARATOR,
           "completion": _fill(template.completion, values(row), template, where)}
+
+
+def parse_templates(value, where: str) -> list[Template]:
+  """Templates from a list of {prompt, completion, name, inverted} dicts (or Templates); a bad
+  entry fails naming `where`."""
+  if not value or isinstance(value, (str, Mapping)):
+    raise ValueError(f"{where}: expected a non-empty list of templates ({{prompt, completion, "
+                     f"name, inverted}} dicts), found {value!r}")
+  out = []
+  for i, t in enumerate(value):
+    try:
+      out.append(t if isinstance(t, Template) else Template(**dict(t)))
+    except (TypeError, ValueError) as err:
+      raise ValueError(f"{where}[{i}]: {err} (each is {{prompt, completion, name, inverted}})"
+                       ) from None
+  return out
+
+
+def render_pairs(pairs: Sequence[tuple], templates: Sequence[Template], task: str, seed=0,
+                 shots: Sequence[int] = (0,), options="both", options_column: str = "options",
+                 chat: bool = False, drop: Collection[str] = ()) -> list[tuple]:
+  """[(place, rendered row | DataError)] of [(place, row | DataError)] (`place` = (source, index,
+  unit)): every row through one seeded draw of (template, shots in `shots`, options on/off when
+  `options="both"`), few-shot exemplars drawn from the other rows that have the template's fields.
+  A rendered row is
+  {"prompt", "completion"} (one user and one assistant message when `chat`), the row's columns
+  but those in `drop` (e.g. an `answer` a reward function reads), and the metadata `task`,
+  `template`, `shots` and `with_options`. A row that misses a field becomes a DataError
+  at its place; an unreadable row stays one."""
+  if not templates:
+    raise ValueError("no templates")
+  rng = np.random.default_rng(seed)
+  fitting = [np.array([j for j, (_, row) in enumerate(pairs) if not isinstance(row, DataError)
+                       and not missing_fields(row, t)], np.int64) for t in templates]
+  out = []
+  for i, (place, row) in enumerate(pairs):
+    if isinstance(row, DataError):
+      out.append((place, row))
+      continue
+    n = rng.integers(len(templates))
+    t, pool = templates[n], fitting[n]  # exemplars: other rows that have t's fields
+    k = int(shots[rng.integers(len(shots))])
+    on = bool(rng.integers(2)) if options == "both" else bool(options)
+    pos = int(np.searchsorted(pool, i))
+    own = int(pos < len(pool) and pool[pos] == i)
+    picks = rng.choice(len(pool) - own, size=min(k, len(pool) - own), replace=False) if k else []
+    exemplars = [pairs[pool[j + (own and j >= pos)]][1] for j in picks]
+    try:
+      rendered = render(row, t, on, exemplars, options_column, tuple(place))
+    except DataError as err:
+      out.append((place, err))
+      continue
+    if chat:
+      rendered = {"prompt": [{"role": "user", "content": rendered["prompt"][:-len(SEPARATOR)]}],
+                  "completion": [{"role": "assistant", "content": rendered["completion"]}]}
+    carried = {c: v for c, v in row.items() if c not in drop}
+    out.append((place, {**carried, **rendered, "task": task, "template": t.name,
+                        "shots": k, "with_options": on}))
+  return out
 
 
 def render_task(rows: Sequence[Mapping], templates: Sequence[Template], source: str = "<rows>",
                 seed: int = 0, shots: Sequence[int] = (0,), options="both",
                 options_column: str = "options") -> list[dict]:
-  """Every row through one seeded draw of (template, shots in `shots`, options on/off when
-  `options="both"`); rows carry `task`, `template`, `shots` and `options` metadata columns."""
-  if not templates:
-    raise ValueError(f"{source}: no templates")
-  rng = np.random.default_rng(seed)
+  """`render_pairs` of plain rows: the rendered rows and metadata only; the first row that misses
+  a field raises (naming `source`, the row and the field)."""
+  pairs = [((source, i, "row"), row) for i, row in enumerate(rows)]
   out = []
-  for i, row in enumerate(rows):
-    t = templates[rng.integers(len(templates))]
-    k = int(shots[rng.integers(len(shots))])
-    on = bool(rng.integers(2)) if options == "both" else bool(options)
-    picks = rng.choice(len(rows) - 1, size=min(k, len(rows) - 1), replace=False) if k else []
-    exemplars = [rows[j + (j >= i)] for j in picks]  # any row but this one
-    rendered = render(row, t, on, exemplars, options_column, (source, i))
-    out.append({**rendered, "task": source, "template": t.name, "shots": k, "options": on})
+  for _, row in render_pairs(pairs, templates, source, seed, shots, options, options_column,
+                             drop={c for r in rows for c in r}):
+    if isinstance(row, DataError):
+      raise row
+    out.append(row)
   return out
 
 
-def mixture_rates(sizes: Mapping[str, int], cap: Optional[int] = None) -> dict:
-  """Examples-proportional rates with a per-task cap (module docstring)."""
-  capped = {k: min(n, cap) if cap else n for k, n in sizes.items()}
+def mixture_rates(sizes: Mapping[str, int], cap: Optional[int] = None,
+                  weights: Optional[Mapping[str, float]] = None) -> dict:
+  """Examples-proportional rates with a per-task cap (module docstring), each task's capped
+  size multiplied by its weight (default 1)."""
+  capped = {k: (min(n, cap) if cap else n) * (weights or {}).get(k, 1.0)
+            for k, n in sizes.items()}
   total = sum(capped.values())
   if total <= 0:
     raise ValueError(f"mixture: no rows in {dict(sizes)}")
@@ -108,9 +171,9 @@ def mixture_rates(sizes: Mapping[str, int], cap: Optional[int] = None) -> dict:
 
 
 def mix(tasks: Mapping[str, Sequence[Mapping]], num_rows: int, cap: Optional[int] = None,
-        seed: int = 0) -> list[dict]:
+        seed: int = 0, weights: Optional[Mapping[str, float]] = None) -> list[dict]:
   """`num_rows` rows drawn from `tasks` ({name: rows}) at `mixture_rates` (module docstring)."""
-  rates = mixture_rates({k: len(v) for k, v in tasks.items()}, cap)
+  rates = mixture_rates({k: len(v) for k, v in tasks.items()}, cap, weights)
   exact = {k: r * num_rows for k, r in rates.items()}
   counts = {k: int(np.floor(v)) for k, v in exact.items()}
   for k in sorted(exact, key=lambda k: counts[k] - exact[k])[:num_rows - sum(counts.values())]:

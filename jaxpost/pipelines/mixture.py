@@ -4,8 +4,11 @@ Each task of `tasks` (any `data.train` source spec, its rows of any columns) is 
 its instruction templates (jaxpost/data/templates.py: zero-shot / few-shot per `shots`, answer
 options on / off / both, inverted templates) and the tasks are mixed examples-proportionally with
 the per-task cap `cap` into `num_rows` prompt/completion rows (r_i = min(n_i, K) / Σ_j
-min(n_j, K)). Rows keep `task`, `template`, `shots` and `options` columns; the manifest counts rows
-per task. A row that lacks a template field fails naming the task's source, the row and the field.
+min(n_j, K), times the task's `weight`). A task is a data source spec (jaxpost/data/sources.py), so
+`data.train = [<the same tasks>]` with `data.mixture="examples"` trains on the same rendering
+without this pipeline. Rows keep the source rows' other columns and `task`, `template`, `shots`,
+`with_options`; the manifest counts rows per task. A row that lacks a template field fails
+naming the task's source, the row and the field.
 
     python scripts/pipeline.py --config=configs/mixture.py --config.cap=3000
 """
@@ -17,13 +20,16 @@ from collections import Counter
 from pathlib import Path
 
 from jaxpost.data.formats import DataError
-from jaxpost.data.templates import Template, mix, mixture_rates, render_task
+from jaxpost.data.sources import SourceSpec, parse_sources, read_rows, templated
+from jaxpost.data.templates import mix, mixture_rates, parse_templates
 from jaxpost.pipelines import common
 
-TASK_KEYS = ("source", "templates", "name", "shots", "options", "options_column")
+TASK_KEYS = ("source", "templates", "name", "shots", "options", "options_column", "chat",
+             "columns", "max_rows", "split", "subset", "weight")
 
 
-def _task(spec, i: int) -> dict:
+def _task(spec, i: int) -> SourceSpec:
+  """config.tasks[i] as a data source spec with templates (jaxpost/data/sources.py)."""
   where = f"config.tasks[{i}]"
   if not isinstance(spec, dict) or "source" not in spec or not spec.get("templates"):
     raise common.PipelineError(f"{where} must be a dict with 'source' and 'templates' (keys: "
@@ -32,15 +38,23 @@ def _task(spec, i: int) -> dict:
   if unknown:
     raise common.PipelineError(f"{where} has unknown keys {sorted(unknown)}; allowed: "
                                f"{', '.join(TASK_KEYS)}")
+  (task,) = parse_sources({"name": f"task{i}", **spec})
   try:
-    templates = [Template(**t) for t in spec["templates"]]
-  except TypeError as err:
-    raise common.PipelineError(f"{where}.templates: {err} (each is {{prompt, completion, name, "
-                               f"inverted}})") from None
-  return {"name": spec.get("name") or f"task{i}", "source": spec["source"],
-          "templates": templates, "shots": tuple(spec.get("shots", (0,))),
-          "options": spec.get("options", "both"),
-          "options_column": spec.get("options_column", "options")}
+    parse_templates(task.templates, f"{where}.templates")
+  except ValueError as err:
+    raise common.PipelineError(str(err)) from None
+  return task
+
+
+def _rendered_rows(task: SourceSpec, where: str, seed: int) -> list[dict]:
+  """The task's rows through its templates, as training renders them; a bad row fails."""
+  rows = []
+  pairs = list(read_rows(task, "train", "sft", {"train_split": "train"}))
+  for _, row in templated(task, pairs, seed=seed):
+    if isinstance(row, DataError):
+      raise common.PipelineError(f"{where}: {row}")
+    rows.append(row)
+  return rows
 
 
 def run(config) -> dict:
@@ -48,20 +62,15 @@ def run(config) -> dict:
   from jaxpost.configs import mixture as recipe
   common.check_keys(config, recipe.get_config(), recipe.KEYS, "mixture")
   tasks = [_task(common.plain(t), i) for i, t in enumerate(common.plain(config.tasks) or [])]
-  if len({t["name"] for t in tasks}) != len(tasks) or not tasks:
+  if len({t.name for t in tasks}) != len(tasks) or not tasks:
     raise common.PipelineError("config.tasks must name at least one task, with distinct names")
   store, start = common.UnitStore(config.workdir, config), time.perf_counter()
   if not store.done("mixture"):
-    rendered = {}
-    for i, t in enumerate(tasks):
-      rows = [r for _, r in common.source_rows(t["source"], f"config.tasks[{i}]")]
-      try:
-        rendered[t["name"]] = render_task(rows, t["templates"], t["name"], config.seed + i,
-                                          t["shots"], t["options"], t["options_column"])
-      except DataError as err:
-        raise common.PipelineError(f"config.tasks[{i}]: {err}") from None
-    mixed = mix(rendered, int(config.num_rows), int(config.cap) or None, config.seed)
-    rates = mixture_rates({k: len(v) for k, v in rendered.items()}, int(config.cap) or None)
+    rendered = {t.name: _rendered_rows(t, f"config.tasks[{i}]", config.seed) for i, t in enumerate(tasks)}
+    weights = {t.name: t.weight for t in tasks}
+    mixed = mix(rendered, int(config.num_rows), int(config.cap) or None, config.seed, weights)
+    rates = mixture_rates({k: len(v) for k, v in rendered.items()}, int(config.cap) or None,
+                          weights)
     counts = Counter(f"rows/{r['task']}" for r in mixed)
     counts.update({f"task_rows/{k}": len(v) for k, v in rendered.items()})
     store.commit("mixture", mixed, counts, {"rates": rates})
