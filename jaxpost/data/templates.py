@@ -9,20 +9,23 @@ prompt/completion rows:
              completion="{hypothesis}", inverted=True)      # an inverted template (output -> input)
 
 Fields are the row's columns in `str.format` syntax. `{options_}` is the answer-options block
-(FLAN's "OPTIONS:\\n- yes\\n- no" from the row's `options` column, or "" when options are off);
+(FLAN's "OPTIONS:\n- yes\n- no" from the row's `options` column, or "" when options are off);
 few-shot rendering puts k exemplars (other rows of the task through the same template, each
-prompt, a newline and its completion) before the prompt, which ends with the same newline. `render_task` draws one template per row
-(and, with `options="both"` / `shots` lists, one variant), seeded, so a task yields zero-shot and
-few-shot rows, with and without options. A row missing a field fails naming the source, the row
-and the field.
+prompt, a newline and its completion) before the prompt, which ends with the same newline.
+`render_pairs` draws one template per row (and, with `options="both"` / `shots` lists, one
+variant), seeded, so a task yields zero-shot and few-shot rows, with and without options. A row
+missing a field fails naming the source, the row and the field. Training reads templated sources
+directly (a `data.train` source's `templates`, or `data.templates`: jaxpost/data/sources.py
+`templated`); the mixture pipeline (jaxpost/pipelines/mixture.py) writes the same rows to a file.
 
 Mixing (T5 §3.5.2, FLAN): examples-proportional with a cap K, task i gets the share
 
     r_i = min(n_i, K) / Σ_j min(n_j, K)
 
-of the mixture (`mixture_rates`); `mix` draws exactly round(r_i · N) rows from task i (largest
-remainders), cycling through a shuffled order when a task has fewer rows than its share, and
-interleaves them in a seeded random order.
+of the mixture (`mixture_rates`; a task weight w_i multiplies its min(n_i, K)); `mix` draws
+exactly round(r_i · N) rows from task i (largest remainders), cycling through a shuffled order
+when a task has fewer rows than its share, and interleaves them in a seeded random order. The
+loader's `data.mixture="examples"` uses the same rates for its epochs (jaxpost/data/loader.py).
 """
 
 from __future__ import annotations
