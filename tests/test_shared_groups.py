@@ -58,6 +58,22 @@ def test_shared_logprobs_equal_unshared_and_a_full_forward(lm, sampled):
   assert np.abs(np.asarray(shared)).sum() > 0
 
 
+def test_narrowed_rows_give_the_same_logprobs(lm, sampled):
+  """Shared rows as wide as the sampled completions need (`completion_slots`) lose nothing."""
+  config, out = sampled
+  lengths = np.asarray(out.completion_lengths)
+  slots = shared_groups.completion_slots(lengths, G, N)
+  assert slots >= lengths.reshape(-1, G).sum(-1).max() and slots % -(-G * N // 4) in (0, G * N)
+  assert shared_groups.completion_slots(np.ones(2 * G, int), G, N) == -(-G * N // 4)
+  assert shared_groups.completion_slots(np.full(2 * G, N), G, N) == G * N
+  full = dataclasses.replace(config, prefix_sharing=True)
+  narrowed = dataclasses.replace(full, completion_slots=slots)
+  np.testing.assert_allclose(rows_logprobs(lm.model, lm.params, rows_of(out), narrowed),
+                             rows_logprobs(lm.model, lm.params, rows_of(out), full), atol=1e-6)
+  shared, _ = shared_groups.shared_rows(rows_of(out), G, N, slots_after_prompt=slots)
+  assert shared["input_ids"].shape[1] == out.input_ids.shape[1] - N + slots
+
+
 def test_no_completion_sees_another(lm, sampled):
   """Rewriting completion j = 1 of every group changes its own log-probs only."""
   config, out = sampled
@@ -92,5 +108,10 @@ def test_runs_equal_unshared(tmp_path, recipe, overrides):
     for key in ("loss", "grad_norm", "kl", "entropy", "param_norm", "clip_ratio/region_mean"):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
   assert shared[-1]["kl"] > 0 and shared[0]["grad_norm"] > 0
+  c = jaxpost.configs.get(recipe)
+  g, n = c[recipe.split(":")[0]].num_generations, c.rollout.max_new_tokens
+  for r in shared:  # narrowed to the sampled lengths, never short of them
+    assert r["completions/max_length"] <= r["update/completion_slots"] <= min(
+        g * n, g * r["completions/max_length"] + -(-g * n // 4))
   update_flops = lambda r: r["mfu/update"] * r["time/update"]  # x peak: counted as laid out
   assert update_flops(shared[0]) < update_flops(unshared[0])

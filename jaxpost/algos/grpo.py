@@ -207,7 +207,7 @@ def make_iteration_update(s: Settings, setup, ref_module):
       per_row["ref_logps"] = ref_logps
     if s.rollout.prefix_sharing:
       batch = shared_groups.grouped_batch(rollout, per_row, s.num_generations,
-                                          s.rollout.max_new_tokens)
+                                          s.rollout.max_new_tokens, s.rollout.completion_slots)
     else:
       batch = {**{k: rollout[k] for k in SEQUENCE_FIELDS}, **per_row}
     rng = jax.random.fold_in(state.rng, iteration.MINIBATCH_STREAM)
@@ -222,11 +222,12 @@ def make_iteration_update(s: Settings, setup, ref_module):
 
 
 def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads: bool,
-                    reference: bool) -> tuple[float, float]:
+                    reference: bool, completion_slots=None) -> tuple[float, float]:
   """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout's
   (`iteration.rollout_flops`); the update adds the reference forward and μ passes of forward +
-  backward over the R rows."""
-  forward = iteration.rows_pass_flops(cfg, s.rollout, prompt_width, rows)
+  backward over the R rows, as wide as the update laid them out (`completion_slots`)."""
+  narrowed = dataclasses.replace(s.rollout, completion_slots=completion_slots)
+  forward = iteration.rows_pass_flops(cfg, narrowed, prompt_width, rows)
   backward = (3 if weight_grads else 2) * forward * s.num_iterations
   return (iteration.rollout_flops(cfg, s.rollout, prompt_width, rows),
           backward + (forward if reference else 0.0))
@@ -248,15 +249,35 @@ def groups_shared(config, s: Settings, mesh) -> bool:
 
 
 def make_step(setup):
-  """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring)."""
+  """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring). With
+  prefix sharing the update's shared rows are as wide as the sampled completions need
+  (`shared_groups.completion_slots`, logged as `update/completion_slots`): one compiled update
+  per width."""
   s = settings(setup.config)
   shared = groups_shared(setup.config, s, setup.mesh)
   s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=shared))
   lora = "lora_base" in setup.frozen_shardings
   reference = "ref" in setup.frozen_shardings
-  update = make_iteration_update(s, setup, setup.ctx.modules.get("ref"))
-  flops = lambda width, rows: iteration_flops(s, setup.policy.model.cfg, width, rows, not lora,
-                                              reference)
+  updates = {}
+
+  def with_slots(slots) -> Settings:
+    return dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, completion_slots=slots))
+
+  def update(state, frozen, rollout, rewards):
+    slots = None
+    if shared:
+      slots = shared_groups.completion_slots(scoring.host_array(rollout["completion_lengths"]),
+                                             s.num_generations, s.rollout.max_new_tokens)
+    if slots not in updates:
+      updates[slots] = make_iteration_update(with_slots(slots), setup,
+                                             setup.ctx.modules.get("ref"))
+    state, metrics = updates[slots](state, frozen, rollout, rewards)
+    return state, {**metrics, **({"update/completion_slots": slots} if shared else {})}
+
+  def flops(width, rows, metrics):
+    return iteration_flops(s, setup.policy.model.cfg, width, rows, not lora, reference,
+                           metrics.get("update/completion_slots"))
+
   return iteration.make_iteration_step(setup, s.rollout, update, flops)
 
 

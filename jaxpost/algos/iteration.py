@@ -69,10 +69,11 @@ def rows_forward_flops(cfg, width: int, rows: int) -> float:
 
 def rows_pass_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> float:
   """Model FLOPs of one forward over the R rollout rows as laid out: R rows of width P + N, or
-  with prefix sharing R / G rows of width P + G N (algos/shared_groups.py)."""
+  with prefix sharing R / G rows of width P + S (S completion slots, G N unless narrowed;
+  algos/shared_groups.py)."""
   if config.prefix_sharing:
-    return rows_forward_flops(cfg, prompt_width + config.num_generations * config.max_new_tokens,
-                              rows // config.num_generations)
+    slots = config.completion_slots or config.num_generations * config.max_new_tokens
+    return rows_forward_flops(cfg, prompt_width + slots, rows // config.num_generations)
   return rows_forward_flops(cfg, prompt_width + config.max_new_tokens, rows)
 
 
@@ -89,10 +90,10 @@ def rollout_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> f
 
 
 def make_iteration_step(setup, rollout_config: RolloutConfig, update: Callable,
-                        flops: Callable[[int, int], tuple]):
+                        flops: Callable[[int, int, dict], tuple]):
   """The loop step of a rollout algorithm (module docstring). `update(state, frozen, rollout
   fields, rewards) -> (state, metrics)` is the algorithm's jitted update; `flops(prompt_width,
-  rows) -> (rollout FLOPs, update FLOPs)` its model-FLOP count for MFU."""
+  rows, update metrics) -> (rollout FLOPs, update FLOPs)` its model-FLOP count for MFU."""
   model = setup.policy.model
   reward_module = setup.ctx.modules.get("reward_model")
   scorer = scoring.Scorer(scoring.load_functions(setup.config), reward_module,
@@ -112,7 +113,8 @@ def make_iteration_step(setup, rollout_config: RolloutConfig, update: Callable,
     state, metrics = update(state, frozen, rollout, rewards)
     metrics = jax.device_get(metrics)
     update_time = time.perf_counter() - start - rollout_time
-    rollout_flops, update_flops = flops(batch["prompt_input_ids"].shape[1], rewards.shape[0])
+    rollout_flops, update_flops = flops(batch["prompt_input_ids"].shape[1], rewards.shape[0],
+                                        metrics)
     host = completion_metrics(scoring.host_array(rollout["completion_lengths"]),
                               scoring.host_array(rollout["finished"]))
     metrics.update(jax.device_get(sampling), **reward_metrics, **host)

@@ -303,8 +303,8 @@ def make_step(setup):
   lora = "lora_base" in setup.frozen_shardings
   reference = "ref" in setup.frozen_shardings
   critic_cfg = None if s.share_backbone else setup.ctx.modules[VALUE].cfg
-  flops = lambda width, rows: iteration_flops(s, setup.policy.model.cfg, critic_cfg, width, rows,
-                                              not lora, reference)
+  flops = lambda width, rows, _: iteration_flops(s, setup.policy.model.cfg, critic_cfg, width,
+                                                 rows, not lora, reference)
   return iteration.make_iteration_step(setup, s.rollout, make_iteration_update(s, setup), flops)
 
 

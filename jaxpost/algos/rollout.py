@@ -52,7 +52,10 @@ class RolloutConfig:
   callers whose update recomputes them anyway (GRPO with one update per rollout: the update's
   own forward is π_old, and it reports logp_difference against `sampler_logprobs`).
   prefix_sharing: the recompute and `frozen_logprobs` run on one [prompt | y_1 | ... | y_G] row
-  per group (algos/shared_groups.py); same values, the prompt computed once.
+  per group (algos/shared_groups.py); same values, the prompt computed once. completion_slots:
+  the slots a shared row holds after the prompt (None: G x max_new_tokens, room for any
+  completions; the GRPO update narrows it to the sampled lengths, `shared_groups.
+  completion_slots`).
   """
   num_generations: int
   max_new_tokens: int
@@ -63,6 +66,7 @@ class RolloutConfig:
   chunk_size: int = DEFAULT_CHUNK_SIZE
   recompute_logprobs: bool = True
   prefix_sharing: bool = False
+  completion_slots: Optional[int] = None
 
   def __post_init__(self):
     if not isinstance(self.num_generations, int) or self.num_generations < 1:
@@ -185,7 +189,8 @@ def rows_logprobs(module, params, rows: dict, config: RolloutConfig):
   kwargs = {"chunk_size": config.chunk_size, "temperature": config.scoring_temperature}
   if config.prefix_sharing:
     batch = shared_groups.grouped_batch(rows, {"loss_mask": rows["completion_mask"]},
-                                        config.num_generations, config.max_new_tokens)
+                                        config.num_generations, config.max_new_tokens,
+                                        config.completion_slots)
     return shared_groups.grouped_token_stats(module, params, batch, **kwargs)["logprobs"]
   fields = {**rows, "loss_mask": rows["completion_mask"]}
   return model_token_stats(module, params, fields, **kwargs)["logprobs"]
