@@ -3,12 +3,15 @@
     python scripts/pipeline.py --config=configs/mixture.py               # seed tasks + arithmetic
     python scripts/pipeline.py --config=configs/mixture.py --config.cap=500 --config.num_rows=5000
 
-`tasks` is a list of {"source": <any data.train spec>, "templates": [{"prompt", "completion",
-"name", "inverted"}], "name", "shots": [0, 2], "options": "both" | True | False,
-"options_column"}; template fields are the rows' columns in str.format syntax
+`tasks` is a list of data source specs with templates (jaxpost/data/sources.py): {"source": <any
+data.train spec>, "templates": [{"prompt", "completion", "name", "inverted"}], "name", "shots":
+[0, 2], "options": "both" | True | False, "options_column", "chat", "weight", "max_rows",
+"columns", "split", "subset"}; template fields are the rows' columns in str.format syntax
 (`{prompt[0][content]}` indexes a message list), `{options_}` the answer-options block. Set it
 from Python (`config.tasks = [...]`) or as a Python literal on the command line. Then train:
-`python scripts/train.py --config=configs/sft.py --config.data.train=<workdir>/data.jsonl`.
+`python scripts/train.py --config=configs/sft.py --config.data.train=<workdir>/data.jsonl`, or
+skip the file: `--config.data.train=<the same tasks> --config.data.mixture=examples
+--config.data.mixture_cap=<cap>` renders and mixes them the same way while loading.
 """
 
 import ml_collections
