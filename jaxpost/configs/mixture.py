@@ -11,7 +11,7 @@ data.train spec>, "templates": [{"prompt", "completion", "name", "inverted"}], "
 from Python (`config.tasks = [...]`) or as a Python literal on the command line. Then train:
 `python scripts/train.py --config=configs/sft.py --config.data.train=<workdir>/data.jsonl`, or
 skip the file: `--config.data.train=<the same tasks> --config.data.mixture=examples
---config.data.mixture_cap=<cap>` renders them the same way (seed 0) and mixes them at the same
+--config.data.mixture_cap=<cap>` renders them through the same templates and mixes them at the same
 rates while loading.
 """
 
