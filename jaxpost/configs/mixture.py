@@ -11,8 +11,8 @@ data.train spec>, "templates": [{"prompt", "completion", "name", "inverted"}], "
 from Python (`config.tasks = [...]`) or as a Python literal on the command line. Then train:
 `python scripts/train.py --config=configs/sft.py --config.data.train=<workdir>/data.jsonl`, or
 skip the file: `--config.data.train=<the same tasks> --config.data.mixture=examples
---config.data.mixture_cap=<cap>` renders them through the same templates and mixes them at the same
-rates while loading.
+--config.data.mixture_cap=<cap>` renders them through the same templates and mixes them at the
+same rates while loading.
 """
 
 import ml_collections
