@@ -133,3 +133,9 @@ def test_command_line_literals_and_repeated_sources():
   assert parse_sources("[{'rows': [{'prompt': 'x'}], 'weight': 2}]")[0].weight == 2
   with pytest.raises(ValueError, match=r"data.train: .* neither JSON nor a Python literal"):
     parse_sources('[{"source": ')
+
+
+def test_a_row_that_is_not_a_dict_is_a_bad_row(tok):
+  loader = _loader(tok, [{"rows": ROWS[:4] + ["just a string"], "templates": NLI[:1]}],
+                   drop_bad_rows=True)
+  assert loader.summary["dropped"] == {"bad_row": 1} and loader.summary["examples"] == 4

@@ -109,14 +109,16 @@ def render_pairs(pairs: Sequence[tuple], templates: Sequence[Template], task: st
   """[(place, rendered row | DataError)] of [(place, row | DataError)] (`place` = (source, index,
   unit)): every row through one seeded draw of (template, shots in `shots`, options on/off when
   `options="both"`), few-shot exemplars drawn from the other rows that have the template's fields.
-  A rendered row is
-  {"prompt", "completion"} (one user and one assistant message when `chat`), the row's columns
-  but those in `drop` (e.g. an `answer` a reward function reads), and the metadata `task`,
-  `template`, `shots` and `with_options`. A row that misses a field becomes a DataError
-  at its place; an unreadable row stays one."""
+  A rendered row is {"prompt", "completion"} (one user and one assistant message when `chat`),
+  the row's columns but those in `drop` (e.g. an `answer` a reward function reads), and the
+  metadata `task`, `template`, `shots` and `with_options`. A row that misses a field (or is not
+  a dict) becomes a DataError at its place; an unreadable row stays one."""
   if not templates:
     raise ValueError("no templates")
   rng = np.random.default_rng(seed)
+  pairs = [(place, row if isinstance(row, (Mapping, DataError)) else DataError(
+      "bad_row", f"expected a dict-like row, found {type(row).__name__}").at(*place))
+           for place, row in pairs]
   fitting = [np.array([j for j, (_, row) in enumerate(pairs) if not isinstance(row, DataError)
                        and not missing_fields(row, t)], np.int64) for t in templates]
   out = []
