@@ -55,7 +55,10 @@ def on_policy_rpo(c):
   c.data.task_kind = "onpolicy"
   c.data.max_length = 64  # prompt 44-50 tokens + 16 sampled; 13 of 152 pairs lose <= 4 end tokens
   c.sft_weight = 1.0
-  c.optimizer.learning_rate = 3e-5
+  # 60 steps (3.2 epochs of the 152 pairs) at 5e-5: held-out accuracy 0.125 -> 0.367 in our run;
+  # 40 steps at 3e-5 / 5e-5 reached 0.305 / 0.313 (README).
+  c.optimizer.learning_rate = 5e-5
+  c.max_steps = 60
   c.eval_batches = 2  # the 18 held-out pairs
 
 
