@@ -107,6 +107,16 @@ RUNS = [
         "checkpoint.keep": 1, "checkpoint.async_save": False, "metrics.tensorboard": False,
         "metrics.plot": False,
         "data.cache_dir": "{cache}", "seed": 3}),
+    ("sft_templates_examples_mixture", "sft:tiny", {
+        "data.train": [{"source": "builtin:arithmetic", "name": "solve", "max_rows": 40,
+                        "shots": [0, 1], "chat": True, "templates": [
+                            {"prompt": "Solve: {prompt[0][content]}",
+                             "completion": "{completion[0][content]}"}]},
+                       {"source": "builtin:arithmetic", "name": "qa", "max_rows": 200}],
+        "data.templates": [{"name": "qa", "prompt": "Q: {prompt[0][content]}",
+                            "completion": "A: {completion[0][content]}"}],
+        "data.mixture": "examples", "data.mixture_cap": 20, "data.eval": "",
+        "max_steps": 2, "batch_size": 4}),
     ("rm_save_to_disk_splits", "rm:tiny", {
         "data.train": "{pairs_dd}", "data.train_split": "tr", "data.eval": "{pairs_dd}",
         "data.eval_split": "ev", "data.drop_bad_rows": True, "data.max_length": 48,
