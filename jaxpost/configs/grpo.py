@@ -9,7 +9,7 @@ jaxpost/algos/grpo.py).
     python scripts/train.py --config=configs/grpo.py:tiny         # tiny random model (CI)
     python scripts/train.py --config=configs/grpo.py --config.reward.funcs=my_rewards.py:fn
 
-The default samples G = 8 answers (temperature 0.7) to each of 4 built-in arithmetic prompts per
+The default samples G = 8 answers (temperature 0.7) to each of 8 built-in arithmetic prompts per
 iteration for 20 iterations (full finetuning, constant learning rate 1e-5),
 rewards each with the arithmetic verifier (1 when the final number is right) and reports held-out
 greedy accuracy before and after. `batch_size` counts PROMPTS (R = batch_size x G rows per
@@ -106,6 +106,7 @@ def tiny(c, algorithm: str):
 def get_config(arg=None):
   c = base.get_config()
   rollout_run(c, "grpo")
+  c.batch_size = 8  # prompts: 0.102 -> 0.281 held-out accuracy vs 0.227 with 4 (README)
   c.grpo = ml_collections.ConfigDict({
       "num_generations": 8, "beta": 0.0, "epsilon": 0.2, "num_iterations": 1,
       "num_minibatches": 1, "loss_type": "dapo", "scale_rewards": "group",
