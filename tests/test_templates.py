@@ -6,12 +6,24 @@ import pytest
 
 from jaxpost.data import normalize_row
 from jaxpost.data.formats import DataError
-from jaxpost.data.templates import Template, mix, mixture_rates, render, render_task
+from jaxpost.data.templates import Template, mix, mixture_rates, render, render_pairs
 
 NLI = [Template("Premise: {premise}\nHypothesis: {hypothesis}\nEntailed?{options_}", "{label}",
                 "plain"),
        Template("Write a hypothesis that the premise entails: {premise}", "{hypothesis}",
                 "inverted", inverted=True)]
+def render_task(rows, templates, source, **kwargs):
+  """The rendered rows of plain `rows` (metadata, none of their own columns); the first bad row
+  raises."""
+  pairs = [((source, i, "row"), row) for i, row in enumerate(rows)]
+  out = [row for _, row in render_pairs(pairs, templates, source, drop={c for r in rows for c in r},
+                                        **kwargs)]
+  for row in out:
+    if isinstance(row, DataError):
+      raise row
+  return out
+
+
 ROWS = [{"premise": f"p{i}", "hypothesis": f"h{i}", "label": "yes", "options": ["yes", "no"]}
         for i in range(5)]
 

@@ -8,12 +8,12 @@ groups as in the DPO pairs) group i becomes one row of W = L + (G - 1) * N slots
     [prompt_i | y_i1 | y_i2 | ... | y_iG | pad]      branch_ids 0 | 1 | 2 | ... | G | 0
 
 (N = max_new_tokens, so W fits G completions of any length; the completions are packed tight,
-the padding is at the end). Once the lengths are sampled, the update narrows W to
-L - N + S completion slots, S = the longest group's total completion length rounded up to a
-quarter of G N (`completion_slots`: at most 4 widths, so at most 4 compilations). Completion j sees the prompt and itself only (models/llama.py's
-branch rule) and its positions continue from the prompt's end, so each token's log-prob is the
-one its unshared row gives; `losses/logprobs.predecessor_index` reads the first token of y_ij
-from the last prompt slot.
+the padding is at the end). Once the lengths are sampled, the update narrows W to L - N + S:
+S completion slots, the longest group's total completion length rounded up to a
+quarter of G N (`completion_slots`: at most 4 widths, so at most 4 compilations). Completion j
+sees the prompt and itself only (models/llama.py's branch rule) and its positions continue from
+the prompt's end, so each token's log-prob is the one its unshared row gives;
+`losses/logprobs.predecessor_index` reads the first token of y_ij from the last prompt slot.
 
 `slots` [B, G, L] maps position t of row (i, j) to its slot in shared row i (W, out of range,
 on the row's padding): `share` scatters per-row values into the shared rows, `unshare` gathers

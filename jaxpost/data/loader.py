@@ -9,14 +9,15 @@ At build time every source is read exactly as written (`sources`, `readers`), no
 (`formats`), tokenised once (`chat`; cached on disk, `table` and `cache`) and kept in memory;
 `loader.summary` counts rows read, kept, dropped by reason, tokens and the truncation rate.
 
-Order. Epoch e draws n_s = round(E * r_s) examples from source s, r_s = w_s / sum(w) and E the
-total example count (data.mixture="weights"), or r_s = w_s min(N_s, K) / sum_t w_t min(N_t, K) and
-E = sum_t min(N_t, K) for sources of N_s examples (data.mixture="examples", K = data.mixture_cap,
-jaxpost/data/templates.py `mixture_rates`): source s cycles through its own seeded permutations, so an over-weighted source repeats
-and an under-weighted one is subsampled without repeats until exhausted. The epoch's draws are
-then shuffled with seed (seed, e). Stream position k is therefore a pure function of
-(seed, weights, data), and the loader state is only the position (plus the examples packing
-carried over), the same on every process.
+Order. Epoch e draws n_s = round(E * r_s) examples from source s: r_s = w_s / sum(w) and E the
+total example count (data.mixture="weights"), or r_s = w_s min(N_s, K) / sum_t w_t min(N_t, K)
+and E = sum_t min(N_t, K) for sources of N_s examples (data.mixture="examples", K =
+data.mixture_cap; jaxpost/data/templates.py `mixture_rates`). Source s cycles through its own
+seeded permutations, so an over-weighted source repeats and an under-weighted one is
+subsampled without repeats until exhausted. The epoch's draws are then shuffled with seed
+(seed, e). Stream position k is therefore a pure function of (seed, weights, data), and the
+loader state is only the position (plus the examples packing carried over), the same on every
+process.
 
 Sharding. Every process builds the same global batch (so all agree on its bucket T) and keeps
 rows [p * B/P, (p + 1) * B/P); shards of one global batch are disjoint and cover it.

@@ -9,7 +9,7 @@ prompt/completion rows:
              completion="{hypothesis}", inverted=True)      # an inverted template (output -> input)
 
 Fields are the row's columns in `str.format` syntax. `{options_}` is the answer-options block
-(FLAN's "OPTIONS:\n- yes\n- no" from the row's `options` column, or "" when options are off);
+(FLAN's "OPTIONS:\\n- yes\\n- no" from the row's `options` column, or "" when options are off);
 few-shot rendering puts k exemplars (other rows of the task through the same template, each
 prompt, a newline and its completion) before the prompt, which ends with the same newline.
 `render_pairs` draws one template per row (and, with `options="both"` / `shots` lists, one
@@ -68,9 +68,11 @@ def missing_fields(row: Mapping, template: Template) -> list[str]:
 
 
 def _fill(text: str, row: Mapping, template: Template, where: tuple) -> str:
-  for field in missing_fields(row, template):
+  missing = missing_fields(row, template)
+  if missing:
     raise DataError("missing_field", f"template {template.name or template.prompt[:30]!r} "
-                    f"needs field {field!r}; the row has {sorted(row)}", field).at(*where)
+                    f"needs field {missing[0]!r}; the row has {sorted(row)}",
+                    missing[0]).at(*where)
   return text.format_map(row)
 
 
@@ -145,21 +147,6 @@ def render_pairs(pairs: Sequence[tuple], templates: Sequence[Template], task: st
     carried = {c: v for c, v in row.items() if c not in drop}
     out.append((place, {**carried, **rendered, "task": task, "template": t.name,
                         "shots": k, "with_options": on}))
-  return out
-
-
-def render_task(rows: Sequence[Mapping], templates: Sequence[Template], source: str = "<rows>",
-                seed: int = 0, shots: Sequence[int] = (0,), options="both",
-                options_column: str = "options") -> list[dict]:
-  """`render_pairs` of plain rows: the rendered rows and metadata only; the first row that misses
-  a field raises (naming `source`, the row and the field)."""
-  pairs = [((source, i, "row"), row) for i, row in enumerate(rows)]
-  out = []
-  for _, row in render_pairs(pairs, templates, source, seed, shots, options, options_column,
-                             drop={c for r in rows for c in r}):
-    if isinstance(row, DataError):
-      raise row
-    out.append(row)
   return out
 
 

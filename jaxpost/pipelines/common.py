@@ -380,20 +380,6 @@ def seed_tasks_path() -> Path:
   return Path(__file__).resolve().parents[1] / "data" / "seed_tasks.jsonl"
 
 
-def source_rows(source, where: str, split: str = "train") -> list[tuple]:
-  """[(place, row)] of a data source spec as read (any `data.train` spec; no format is
-  imposed); an unreadable line fails naming `where`, the file and the line."""
-  from jaxpost.data.formats import DataError
-  from jaxpost.data.sources import parse_sources, read_rows
-  out = []
-  for spec in parse_sources(source):
-    for place, row in read_rows(spec, split, "sft", {"train_split": split}):
-      if isinstance(row, DataError):
-        raise PipelineError(f"{where}: {row}")
-      out.append((place, row))
-  return out
-
-
 def prompt_rows(data_cfg, split: str = "train") -> list[dict]:
   """Every row of `data.train` with a prompt, normalised as the rollout algorithms read them
   (`prompt` plus the row's other columns); a bad row fails naming its source and row."""
