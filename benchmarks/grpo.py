@@ -151,6 +151,9 @@ def train_timed(config) -> tuple[dict, list[dict]]:
           "rollout_times": [r["time/rollout"] for r in timed_records],
           "update_times": [r["time/update"] for r in timed_records],
           "first_step": first["compile_time"],
+          "later_compile": sum(r.get("time/compile", 0.0) for r in timed_records),
+          "widths": sorted({r["update/completion_slots"] for r in timed_records
+                            if "update/completion_slots" in r}),
           "completion_length": mean_of(timed_records, "completions/mean_length")}, timed_records
 
 
@@ -323,7 +326,11 @@ def notes(args, ours: dict, unshared: dict, ref: dict, ratio: str, load: float) 
       "TRL: one batch, gradient_accumulation_steps 1); whole step: both and the bookkeeping",
       "between. Median of",
       f"{args.steps} timed iterations after the first (jaxpost: XLA compilation; TRL: eager",
-      "warm-up). Completion lengths are sampled, so each side decodes its own number of tokens",
+      "warm-up). The shared update compiles once per completion width (at most 4;",
+      "update/completion_slots), timed apart as time/compile and left out of the step and",
+      f"update times: the timed iterations used widths {ours.get('widths')} and compiled",
+      f"{ours.get('later_compile', 0.0):.1f} s for new ones. Completion lengths are sampled, so",
+      "each side decodes its own number of tokens",
       "(generation stops once every row has emitted EOS): mean completion tokens per row over the",
       f"timed iterations. Recipe keys: jaxpost {settings(ours)}; TRL {settings(ref)}. TRL ran",
       f"with torch.set_num_threads({args.torch_threads}); XLA uses its default thread pool.",

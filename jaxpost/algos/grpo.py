@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 from typing import Any
 
 import jax
@@ -252,7 +253,8 @@ def make_step(setup):
   """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring). With
   prefix sharing the update's shared rows are as wide as the sampled completions need
   (`shared_groups.completion_slots`, logged as `update/completion_slots`): one compiled update
-  per width."""
+  per width, compiled ahead of its first call so that `time/compile` reports it apart from
+  `time/update`."""
   s = settings(setup.config)
   shared = groups_shared(setup.config, s, setup.mesh)
   s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=shared))
@@ -268,11 +270,15 @@ def make_step(setup):
     if shared:
       slots = shared_groups.completion_slots(scoring.host_array(rollout["completion_lengths"]),
                                              s.num_generations, s.rollout.max_new_tokens)
+    compiled = {}
     if slots not in updates:
-      updates[slots] = make_iteration_update(with_slots(slots), setup,
-                                             setup.ctx.modules.get("ref"))
+      start = time.perf_counter()
+      jitted = make_iteration_update(with_slots(slots), setup, setup.ctx.modules.get("ref"))
+      updates[slots] = jitted.lower(state, frozen, rollout, rewards).compile()
+      compiled = {iteration.COMPILE_TIME: time.perf_counter() - start}
     state, metrics = updates[slots](state, frozen, rollout, rewards)
-    return state, {**metrics, **({"update/completion_slots": slots} if shared else {})}
+    return state, {**metrics, **compiled,
+                   **({"update/completion_slots": slots} if shared else {})}
 
   def flops(width, rows, metrics):
     return iteration_flops(s, setup.policy.model.cfg, width, rows, not lora, reference,

@@ -9,7 +9,8 @@
                   gradient steps (`train/step.py` `scan_updates`)
 
 plus TRL's completion metrics (completions/*), time/rollout, time/update and mfu/rollout,
-mfu/update from the algorithm's FLOP count. `frozen_models` builds the frozen trees these
+mfu/update from the algorithm's FLOP count; an update that compiles on a step reports the
+seconds as time/compile, which time/update leaves out. `frozen_models` builds the frozen trees these
 algorithms share: the reference and the reward model.
 """
 
@@ -26,6 +27,7 @@ from jaxpost.algos.rollout import RolloutConfig, sample_rollout
 from jaxpost.models.config import forward_flops_per_token
 from jaxpost.train.algorithms import applied_policy
 from jaxpost.train.metrics import peak_flops_per_device
+from jaxpost.train.window import COMPILE_TIME
 
 ROLLOUT_STREAM, MINIBATCH_STREAM = 0x5A, 0x5B  # fold_in tags of state.rng: sampling, minibatches
 
@@ -112,7 +114,7 @@ def make_iteration_step(setup, rollout_config: RolloutConfig, update: Callable,
                                            lambda index: rewards[index])
     state, metrics = update(state, frozen, rollout, rewards)
     metrics = jax.device_get(metrics)
-    update_time = time.perf_counter() - start - rollout_time
+    update_time = time.perf_counter() - start - rollout_time - metrics.get(COMPILE_TIME, 0.0)
     rollout_flops, update_flops = flops(batch["prompt_input_ids"].shape[1], rewards.shape[0],
                                         metrics)
     host = completion_metrics(scoring.host_array(rollout["completion_lengths"]),

@@ -5,7 +5,8 @@ record with the window's throughput.
 A step whose loss, gradient, update or new parameters are non-finite, or whose update is a
 blow-up (||update|| > max_update_ratio x ||params||), raises `NonFiniteError` naming the step.
 Throughput counts the timed steps only (not the first, mostly compilation, whose time is logged
-once as `compile_time`):
+once as `compile_time`), less the seconds a later step reports compiling under the step metric
+`time/compile` (a rollout update compiled for a new width; summed over the window):
 
     step_time = elapsed / steps      tokens_per_sec = real tokens / elapsed
     mfu = model FLOPs / elapsed / (devices x peak FLOP/s per device)
@@ -19,6 +20,9 @@ import jax
 import numpy as np
 
 from jaxpost.train.metrics import peak_flops_per_device
+
+
+COMPILE_TIME = "time/compile"  # a step metric: seconds the step spent compiling
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,7 +62,10 @@ class MetricWindow:
     for (s, _, _, _), m in zip(self.pending, fetched):
       self._check_step(s, m)
     record = {k: float(np.mean([m[k] for m in fetched]))
-              for k in fetched[0] if k not in ("finite", "tokens", "flops")}
+              for k in fetched[0] if k not in ("finite", "tokens", "flops", COMPILE_TIME)}
+    compiling = sum(float(m.get(COMPILE_TIME, 0.0)) for m in fetched)
+    if compiling:
+      record[COMPILE_TIME] = compiling
     record["learning_rate"] = float(fetched[-1]["learning_rate"])
     timed = [(m, float(m.get("flops", f))) for (_, _, f, t), m in zip(self.pending, fetched)
              if t]
@@ -94,6 +101,7 @@ class MetricWindow:
 
   def _throughput(self, timed, elapsed: float) -> dict:
     """step_time, tokens_per_sec (real tokens) and MFU over the timed steps of a window."""
+    elapsed -= sum(float(m.get(COMPILE_TIME, 0.0)) for m, _ in timed)
     tokens = sum(float(m["tokens"]) for m, _ in timed)
     flops = sum(f for _, f in timed)
     peak = jax.device_count() * peak_flops_per_device(self.config.metrics.cpu_peak_flops)
