@@ -191,8 +191,9 @@ def write(args, rows, layouts, results, load):
       f"median over steps 2..{args.steps}; the same step-1 loss in all three rows checks the "
       f"math. pair tokens/s = real chosen + rejected tokens ({tokens:.0f} per step) / step "
       f"time. {trl_note(args)} 1-minute load average {load:.2f} "
-      f"before, {os.getloadavg()[0]:.2f} after (2-core machine shared with other jobs: "
-      f"loose numbers). {common.versions('jax', 'torch', 'transformers', 'trl')}.")
+      f"before, {os.getloadavg()[0]:.2f} after "
+      f"({'shared with other jobs: loose numbers' if load > 2.5 else 'nothing else running'})."
+      f" {common.versions('jax', 'torch', 'transformers', 'trl')}.")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ MODEL = "bundled:smollm2-135m-instruct"
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RECIPES = {"sft": "sft", "rm": "rm", "dpo": "dpo",  # kind -> configs/<recipe>.py
            "gkd": "distill:gkd"}
+# configs/dpo.py's main job is RPO (+ the chosen NLL); the benchmarks time TRL's sigmoid DPO.
+RECIPE_OVERRIDES = {"dpo": {"sft_weight": 0.0}}
 
 
 # ------------------------------------------------------------------------------ batches
@@ -158,7 +160,8 @@ def jaxpost_config(kind: str, workdir: str, steps: int, batch_size: int, length:
       "eval_at_start": False, "data.eval": None, "report.task": "", "export_hf": "",
       "data.max_length": length, "data.buckets": (length,), "checkpoint.every": -1,
       "metrics.tensorboard": False, "metrics.progress_bar": False,
-      "optimizer.learning_rate": lr, "optimizer.warmup_steps": 0, **(overrides or {})})
+      "optimizer.learning_rate": lr, "optimizer.warmup_steps": 0,
+      **RECIPE_OVERRIDES.get(kind, {}), **(overrides or {})})
   return c
 
 
