@@ -245,8 +245,8 @@ def notes(args, ours: dict, ref: dict, ratio: str, load: float) -> str:
       f"{args.steps} timed iterations after the first (jaxpost: XLA compilation; TRL: eager",
       f"warm-up). Mean objective/kl: jaxpost {fmt(ours['kl'])}, TRL {fmt(ref['kl'])}. TRL ran",
       f"with torch.set_num_threads({args.torch_threads}); XLA uses its default thread pool.",
-      "Peak RSS is each child process's maximum resident set. The machine is shared (2",
-      f"cores): 1-minute load average {load:.2f} before, {os.getloadavg()[0]:.2f} after.",
+      "Peak RSS is each child process's maximum resident set. 1-minute load average",
+      f"{load:.2f} before, {os.getloadavg()[0]:.2f} after (2 cores).",
       common.versions("jax", "flax", "optax", "torch", "transformers", "trl", "accelerate") + "."])
 
 
