@@ -253,8 +253,8 @@ def make_step(setup):
   """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring). With
   prefix sharing the update's shared rows are as wide as the sampled completions need
   (`shared_groups.completion_slots`, logged as `update/completion_slots`): one compiled update
-  per width, compiled ahead of its first call so that `time/compile` reports it apart from
-  `time/update`."""
+  per width and rollout shape, compiled ahead of its first call so that `time/compile` reports
+  it apart from `time/update`."""
   s = settings(setup.config)
   shared = groups_shared(setup.config, s, setup.mesh)
   s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=shared))
@@ -270,13 +270,13 @@ def make_step(setup):
     if shared:
       slots = shared_groups.completion_slots(scoring.host_array(rollout["completion_lengths"]),
                                              s.num_generations, s.rollout.max_new_tokens)
-    compiled = {}
-    if slots not in updates:
+    compiled, key = {}, (slots, rollout["input_ids"].shape)  # the prompt width varies too
+    if key not in updates:
       start = time.perf_counter()
       jitted = make_iteration_update(with_slots(slots), setup, setup.ctx.modules.get("ref"))
-      updates[slots] = jitted.lower(state, frozen, rollout, rewards).compile()
+      updates[key] = jitted.lower(state, frozen, rollout, rewards).compile()
       compiled = {iteration.COMPILE_TIME: time.perf_counter() - start}
-    state, metrics = updates[slots](state, frozen, rollout, rewards)
+    state, metrics = updates[key](state, frozen, rollout, rewards)
     return state, {**metrics, **compiled,
                    **({"update/completion_slots": slots} if shared else {})}
 
