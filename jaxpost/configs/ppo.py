@@ -56,7 +56,9 @@ VARIANTS = ("default", "lora", "shared_critic", "tiny")
 def get_config(arg=None):
   c = base.get_config()
   grpo.rollout_run(c, "ppo")
-  c.batch_size = 16
+  # 8 prompts x 24 iterations: 20.5 min on a 2-core CPU, held-out accuracy 0.10 -> 0.20 (README)
+  c.batch_size = 8
+  c.max_steps = 24
   c.ppo = ml_collections.ConfigDict({
       "num_generations": 1, "num_epochs": 4, "num_minibatches": 1, "gamma": 1.0, "lam": 0.95,
       "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "ent_coef": 0.0, "kl_coef": 0.05,
