@@ -82,6 +82,7 @@ def test_metrics_first_update_ratio_one_and_export(straight):
     assert r["grad_norm/policy"] > 0 and r["grad_norm/value"] > 0
     assert r["grad_norm"] == pytest.approx(np.hypot(r["grad_norm/policy"],
                                                     r["grad_norm/value"]), rel=1e-5)
+  assert rows[0]["time/compile"] > 0  # the update compiled ahead of its call, timed apart
   assert rows[0]["objective/scores"] == pytest.approx(0.5)  # the four targets' mean
   assert abs(rows[0]["objective/kl"]) < 1e-5                # the reference is the initial policy
   lm = load_model(str(tmp / "straight" / "hf"))

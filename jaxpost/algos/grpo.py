@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
 from typing import Any
 
 import jax
@@ -252,9 +251,8 @@ def groups_shared(config, s: Settings, mesh) -> bool:
 def make_step(setup):
   """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring). With
   prefix sharing the update's shared rows are as wide as the sampled completions need
-  (`shared_groups.completion_slots`, logged as `update/completion_slots`): one compiled update
-  per width and rollout shape, compiled ahead of its first call so that `time/compile` reports
-  it apart from `time/update`."""
+  (`shared_groups.completion_slots`, logged as `update/completion_slots`): one update per
+  width (`iteration.compiled_per_shape`: its compilation is logged apart as `time/compile`)."""
   s = settings(setup.config)
   shared = groups_shared(setup.config, s, setup.mesh)
   s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=shared))
@@ -270,15 +268,11 @@ def make_step(setup):
     if shared:
       slots = shared_groups.completion_slots(scoring.host_array(rollout["completion_lengths"]),
                                              s.num_generations, s.rollout.max_new_tokens)
-    compiled, key = {}, (slots, rollout["input_ids"].shape)  # the prompt width varies too
-    if key not in updates:
-      start = time.perf_counter()
-      jitted = make_iteration_update(with_slots(slots), setup, setup.ctx.modules.get("ref"))
-      updates[key] = jitted.lower(state, frozen, rollout, rewards).compile()
-      compiled = {iteration.COMPILE_TIME: time.perf_counter() - start}
-    state, metrics = updates[key](state, frozen, rollout, rewards)
-    return state, {**metrics, **compiled,
-                   **({"update/completion_slots": slots} if shared else {})}
+    if slots not in updates:
+      updates[slots] = iteration.compiled_per_shape(
+          make_iteration_update(with_slots(slots), setup, setup.ctx.modules.get("ref")))
+    state, metrics = updates[slots](state, frozen, rollout, rewards)
+    return state, {**metrics, **({"update/completion_slots": slots} if shared else {})}
 
   def flops(width, rows, metrics):
     return iteration_flops(s, setup.policy.model.cfg, width, rows, not lora, reference,

@@ -9,9 +9,10 @@
                   gradient steps (`train/step.py` `scan_updates`)
 
 plus TRL's completion metrics (completions/*), time/rollout, time/update and mfu/rollout,
-mfu/update from the algorithm's FLOP count; an update that compiles on a step reports the
-seconds as time/compile, which time/update leaves out. `frozen_models` builds the frozen trees these
-algorithms share: the reference and the reward model.
+mfu/update from the algorithm's FLOP count. `compiled_per_shape` compiles an update ahead of its
+first call on each rollout shape and reports the seconds as time/compile, which time/update and
+the loop's step_time leave out. `frozen_models` builds the frozen trees these algorithms share:
+the reference and the reward model.
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ def rollout_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> f
   recompute = (rows_pass_flops(cfg, config, prompt_width, rows) if config.recompute_logprobs
                else 0.0)
   return prefill + decode + recompute
+
+
+def compiled_per_shape(jitted) -> Callable:
+  """`jitted(state, frozen, rollout, rewards) -> (state, metrics)` compiled ahead of its first
+  call on each rollout shape (the prompt width varies by batch), that step's metrics adding the
+  compile seconds as COMPILE_TIME."""
+  executables = {}
+
+  def update(state, frozen, rollout, rewards):
+    shape, compiled = rollout["input_ids"].shape, {}
+    if shape not in executables:
+      start = time.perf_counter()
+      executables[shape] = jitted.lower(state, frozen, rollout, rewards).compile()
+      compiled = {COMPILE_TIME: time.perf_counter() - start}
+    state, metrics = executables[shape](state, frozen, rollout, rewards)
+    return state, {**metrics, **compiled}
+
+  return update
 
 
 def make_iteration_step(setup, rollout_config: RolloutConfig, update: Callable,

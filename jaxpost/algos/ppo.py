@@ -305,7 +305,8 @@ def make_step(setup):
   critic_cfg = None if s.share_backbone else setup.ctx.modules[VALUE].cfg
   flops = lambda width, rows, _: iteration_flops(s, setup.policy.model.cfg, critic_cfg, width,
                                                  rows, not lora, reference)
-  return iteration.make_iteration_step(setup, s.rollout, make_iteration_update(s, setup), flops)
+  update = iteration.compiled_per_shape(make_iteration_update(s, setup))
+  return iteration.make_iteration_step(setup, s.rollout, update, flops)
 
 
 def prepare_frozen(ctx):

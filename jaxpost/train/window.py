@@ -6,7 +6,7 @@ A step whose loss, gradient, update or new parameters are non-finite, or whose u
 blow-up (||update|| > max_update_ratio x ||params||), raises `NonFiniteError` naming the step.
 Throughput counts the timed steps only (not the first, mostly compilation, whose time is logged
 once as `compile_time`), less the seconds a later step reports compiling under the step metric
-`time/compile` (a rollout update compiled for a new width; summed over the window):
+`time/compile` (a rollout update compiled for a new shape; summed over the window):
 
     step_time = elapsed / steps      tokens_per_sec = real tokens / elapsed
     mfu = model FLOPs / elapsed / (devices x peak FLOP/s per device)
