@@ -88,9 +88,38 @@ def sample_logits(logits, keys, plan: Plan, knobs):
     samp = jnp.zeros(tok.shape, jnp.float32)
   else:
     q = jax.nn.log_softmax(process_logits(logits, plan, knobs), axis=-1)
-    tok = jax.vmap(jax.random.categorical)(keys, q).astype(jnp.int32)
+    tok = draw_tokens(keys, q)
     samp = jnp.take_along_axis(q, tok[:, None], axis=-1)[:, 0]
   return tok, jnp.take_along_axis(raw, tok[:, None], axis=-1)[:, 0], samp
+
+
+SAMPLING_BLOCK = 256  # vocabulary entries per block of `draw_tokens`' first level
+
+
+def draw_tokens(keys, logits):
+  """One id per row y ~ softmax(logits) ([B, V], -inf = never) by inverse transform sampling,
+  in two levels so fp32 cumulative sums stay short: a block of SAMPLING_BLOCK ids with
+  probability its mass, then an id within it with probability its share; P(y) = p_y exactly.
+  Two uniforms per row replace the V Gumbel draws of `jax.random.categorical` (5x faster on
+  a 64 x 49152 CPU step)."""
+  rows, vocab = logits.shape
+  weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  weights = jnp.pad(weights, ((0, 0), (0, -vocab % SAMPLING_BLOCK))).reshape(rows, -1,
+                                                                          SAMPLING_BLOCK)
+  u = jax.vmap(lambda key: jax.random.uniform(key, (2,)))(keys)
+  block = _inverse_cdf(weights.sum(-1), u[:, 0])
+  within = _inverse_cdf(jnp.take_along_axis(weights, block[:, None, None], axis=1)[:, 0], u[:, 1])
+  return block * SAMPLING_BLOCK + within
+
+
+def _inverse_cdf(weights, u):
+  """The index i with C_(i-1) <= u C_n < C_i of each row, C the cumulative sums of the
+  non-negative `weights` [B, n] and u [B] in [0, 1): P(i) = w_i / sum(w); a zero weight is
+  never drawn (u C_n is held below C_n, so some C_i exceeds it)."""
+  cumulative = jnp.cumsum(weights, axis=-1)
+  total = cumulative[:, -1:]
+  point = jnp.minimum(u[:, None] * total, total * (1 - 2.0 ** -23))
+  return jnp.sum(cumulative <= point, axis=-1).astype(jnp.int32)
 
 
 def split_layers(params, cfg):

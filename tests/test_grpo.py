@@ -188,5 +188,7 @@ def test_eight_fake_devices_match_one(tmp_path):
   for a, b in zip(records(tmp_path / "one"), records(tmp_path / "mesh")):
     assert a["completions/mean_length"] == b["completions/mean_length"]
     np.testing.assert_allclose(a["reward"], b["reward"], rtol=1e-6)
+    # rtol 1e-3: the sums' order differs across devices, and Adam turns that noise into
+    # lr-sized steps on coordinates whose gradient is ~0, which step 2's grad_norm shows.
     for key in ("loss", "grad_norm", "entropy", "param_norm"):
-      np.testing.assert_allclose(a[key], b[key], rtol=2e-4, atol=1e-6, err_msg=key)
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-6, err_msg=key)

@@ -1,10 +1,12 @@
 """Model parity with transformers for every supported family, masks, packing and the KV cache."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import jaxpost
+from jaxpost.models import llama
 from jaxpost.models.llama import init_cache
 from tests.conftest import FAMILIES, make_hf_model
 
@@ -105,3 +107,41 @@ def test_kv_cache_decode_matches_full_forward(family_model, scan):
                                    cache, t, method="decode")
     real = mask[:, t].astype(bool)  # a padding query's output is meaningless by design
     np.testing.assert_allclose(np.asarray(logits)[real, 0], full[real, t], atol=1e-5)
+
+
+def _dense_attention(q, k, v, mask):
+  """float64 softmax(q k^T / sqrt(d) + mask) v, q [B, T, KV, G, D], k, v [B, S, KV, D]."""
+  scores = np.einsum("btkgd,bskd->bkgts", q.astype(np.float64), k) / np.sqrt(q.shape[-1])
+  scores = np.where(mask, scores, -np.inf)
+  with np.errstate(invalid="ignore"):  # a query with no keys (padding) gives NaN, not compared
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+  return np.einsum("bkgts,bskd->btkgd", probs / probs.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("cache_index", [0, 5])
+def test_attention_chunks_and_single_queries_equal_dense_softmax(monkeypatch, cache_index):
+  """`attend`'s query chunks (each against the keys up to its last slot) and its one-query
+  decode path equal a float64 dense softmax, under causal, padding, segment, branch and
+  sliding-window masks (training: cache_index 0, S = T) or a cache at an offset."""
+  monkeypatch.setattr(llama, "ATTENTION_QUERY_CHUNK", 4)
+  rng = np.random.default_rng(0)
+  b, t, kv, g, d = 2, 11, 2, 3, 8
+  slots = t if cache_index == 0 else cache_index + t + 3
+  q = rng.normal(size=(b, t, kv, g, d)).astype(np.float32)
+  k, v = (rng.normal(size=(b, slots, kv, d)).astype(np.float32) for _ in range(2))
+  kv_mask = np.ones((b, slots), np.int32)
+  kv_mask[1, :2] = 0
+  extra = {}
+  if cache_index == 0:
+    extra = dict(segment_ids=np.repeat([[1] * 7 + [2] * 4], b, 0),
+                 branch_ids=np.repeat([[0, 0, 0, 1, 1, 2, 2, 0, 1, 1, 2]], b, 0),
+                 positions=np.repeat([[0, 1, 2, 3, 4, 3, 4, 0, 1, 2, 1]], b, 0),
+                 sliding_window=4)
+  mask = np.asarray(llama.build_mask(jnp.asarray(kv_mask), cache_index, t, **extra))
+  want = _dense_attention(q, k, v, mask[:, 0, 0][:, None, None])
+  seen = mask[:, 0, 0].any(-1)  # [B, T]: queries with at least one key (others are padding)
+  got = np.asarray(llama.attend(q, k, v, mask, cache_index))
+  np.testing.assert_allclose(got[seen], want[seen], atol=1e-5)
+  for i in range(t):  # one query at a time, as decoding runs
+    one = np.asarray(llama.attend(q[:, i:i + 1], k, v, mask[..., i:i + 1, :], cache_index + i))
+    np.testing.assert_allclose(one[seen[:, i], 0], want[seen[:, i], i], atol=1e-5)

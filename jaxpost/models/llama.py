@@ -112,6 +112,48 @@ def build_mask(kv_mask, cache_index, num_queries, segment_ids=None, sliding_wind
   return allowed[:, None, None]
 
 
+ATTENTION_QUERY_CHUNK = 128
+
+
+def attend(q, k, v, mask, cache_index=0):
+  """softmax(q k^T / sqrt(d) + mask) v for q [B, T, KV, G, D] (G query heads per K/V head),
+  k, v [B, S, KV, D], mask [B, 1, 1, T, S]; returns [B, T, KV, G, D] in v's dtype.
+
+  Same math, laid out for speed. One query (decoding) is a broadcast multiply-reduce, which XLA
+  fuses (the batched dot with one row was 1.5-4.6x slower on CPU). Longer queries run in chunks
+  of ATTENTION_QUERY_CHUNK, each against the keys up to its last query slot only: the causal
+  rule masks every later slot, so skipping them is exact, and the smaller score blocks stay in
+  cache (1.6x on a 508-slot row's forward + backward on CPU)."""
+  if q.shape[1] == 1:
+    return _attend_one(q, k, v, mask)
+  t, chunk = q.shape[1], ATTENTION_QUERY_CHUNK
+  if not isinstance(cache_index, int) or t <= chunk:
+    return _attend_block(q, k, v, mask)
+  outs = []
+  for start in range(0, t, chunk):
+    end = min(t, start + chunk)
+    keys = min(k.shape[1], cache_index + end)
+    outs.append(_attend_block(q[:, start:end], k[:, :keys], v[:, :keys],
+                              mask[..., start:end, :keys]))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _attend_block(q, k, v, mask):
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores * q.shape[-1] ** -0.5, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def _attend_one(q, k, v, mask):
+  f32 = jnp.float32
+  scores = jnp.sum(q[:, 0, None].astype(f32) * k[:, :, :, None].astype(f32), axis=-1)  # [B,S,KV,G]
+  scores = jnp.where(mask[:, 0, 0, 0, :, None, None], scores * q.shape[-1] ** -0.5, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=1)
+  out = jnp.sum(probs[..., None] * v[:, :, :, None].astype(f32), axis=1)
+  return out[:, None].astype(v.dtype)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
 
@@ -138,10 +180,7 @@ class Attention(nn.Module):
       new_cache = {"k": k, "v": v}
       k, v = k.astype(cfg.dtype), v.astype(cfg.dtype)
     q = q.reshape(b, t, kv_heads, heads // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask, scores * hd ** -0.5, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * hd)
+    out = attend(q, k, v, mask, cache_index).reshape(b, t, heads * hd)
     out = nn.with_logical_constraint(out, ("batch", "length", "heads"))
     return _dense(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, cfg, "o_proj")(out), new_cache
 
