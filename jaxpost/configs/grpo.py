@@ -107,6 +107,7 @@ def get_config(arg=None):
   c = base.get_config()
   rollout_run(c, "grpo")
   c.batch_size = 8  # prompts: 0.102 -> 0.281 held-out accuracy vs 0.227 with 4 (README)
+  c.max_steps = 40  # 12.6 min on 2 CPU cores: 0.102 -> 0.289 (README)
   c.grpo = ml_collections.ConfigDict({
       "num_generations": 8, "beta": 0.0, "epsilon": 0.2, "num_iterations": 1,
       "num_minibatches": 1, "loss_type": "dapo", "scale_rewards": "group",
