@@ -37,7 +37,7 @@ def tiny_chat_model():
                                                         "<|im_end|>"], template=TEMPLATE)
   cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    head_dim=8, max_position_embeddings=4096, tie_word_embeddings=True,
+                    head_dim=8, max_position_embeddings=65536, tie_word_embeddings=True,
                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
   model = LlamaForCausalLM(cfg)
   params = jax.jit(lambda key: init_params(model, key))(jax.random.PRNGKey(0))
@@ -66,11 +66,15 @@ class Output:
     return self.text.index(needle, start) + len(needle)
 
 
+REPLY_TOKENS = 50_000
+
+
 def test_ctrl_c_stops_the_reply_then_exits_at_the_prompt(tiny_chat_model, tmp_path):
   save_model(tiny_chat_model, tmp_path / "lm")
   proc = subprocess.Popen(
       [sys.executable, "-u", "scripts/chat.py", f"--model={tmp_path / 'lm'}",
-       "--max_new_tokens=3000", "--temperature=1.0"],
+       # A reply far longer than the SIGINT takes to land (it would stream for minutes).
+       f"--max_new_tokens={REPLY_TOKENS}", "--temperature=1.0"],
       cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   out, err = Output(proc.stdout), Output(proc.stderr)
@@ -82,7 +86,7 @@ def test_ctrl_c_stops_the_reply_then_exits_at_the_prompt(tiny_chat_model, tmp_pa
     proc.send_signal(signal.SIGINT)
     end = out.wait_for(chat.STOPPED + "\nyou> ", start)
     assert proc.poll() is None  # back at the prompt, not exited
-    assert len(out.text[start:end].split()) < 3000  # fewer words than the 3000 tokens asked for
+    assert len(out.text[start:end].split()) < REPLY_TOKENS  # stopped before the reply's end
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0
   finally:
