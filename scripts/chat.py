@@ -11,6 +11,7 @@ is re-rendered with the chat template and prefilled every turn.
 
 import argparse
 import contextlib
+import signal
 import sys
 
 import jaxpost
@@ -91,6 +92,10 @@ def chat(lm, args, read=input, out=sys.stdout, err=sys.stderr):
 
 def main(argv=None):
   args = parse_args(argv)
+  # Ctrl-C is part of this UI: take it back when started with SIGINT ignored or blocked (both
+  # are inherited: a shell script's background jobs start with it ignored).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
   if sys.stdin.isatty():
     with contextlib.suppress(ImportError):
       import readline  # noqa: F401  (input() gains line editing and history)
