@@ -95,7 +95,8 @@ def main(argv=None):
   # Ctrl-C is part of this UI: take it back when started with SIGINT ignored or blocked (both
   # are inherited: a shell script's background jobs start with it ignored).
   signal.signal(signal.SIGINT, signal.default_int_handler)
-  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  if hasattr(signal, "pthread_sigmask"):  # POSIX only
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
   if sys.stdin.isatty():
     with contextlib.suppress(ImportError):
       import readline  # noqa: F401  (input() gains line editing and history)
