@@ -2,12 +2,14 @@
 
     PYTHONPATH=/tmp/trl_site python benchmarks/grpo.py [--steps=3] [--prompts=8]
         [--generations=8] [--new_tokens=64] [--torch_threads=N] [--write]
+        [--gsm8k=../shared/data/gsm8k_train.jsonl]   # real prompts: results/grpo_gsm8k.md
 
 One GRPO iteration (Shao et al. 2024, arXiv:2402.03300) = rollout (sample G completions of up to
 N new tokens for each of P prompts, score them) + update (one optimiser step on the P x G rows).
 Both sides run the bundled SmolLM2-135M-Instruct in fp32 on the first P-prompt batches of
 jaxpost's loader over the built-in arithmetic task (kind "prompt", shuffle off, rendered with the
-model's chat template), sample at temperature 1 with the model's EOS as the stop token, and score
+model's chat template; with --gsm8k the first GSM8K questions instead, answer = the number after
+"####"), sample at temperature 1 with the model's EOS as the stop token, and score
 with jaxpost's built-in arithmetic verifier (`jaxpost.rewards.load("builtin:arithmetic")`, wrapped
 for TRL's reward signature). Loss: DAPO token-level normaliser, beta 0 (no reference model), one
 update per rollout (num_iterations 1, so the clipped ratio is 1 and no old-policy forward is
@@ -47,19 +49,22 @@ import common  # noqa: E402
 MODEL = "bundled:smollm2-135m-instruct"
 REWARD = "builtin:arithmetic"
 LEARNING_RATE = 1e-6  # TRL GRPOConfig's default
+GSM8K_PROMPT_TOKENS = 512  # data.max_length of --gsm8k: the longest rendered question fits
 RECIPE_KEYS = {"grpo.loss_type": "dapo", "grpo.num_iterations": 1, "rollout.temperature": 1.0}
 
 
 # ------------------------------------------------------------------------------ inputs
 
-def prompt_rows(prompts: int, steps: int) -> list[dict]:
+def prompt_rows(prompts: int, steps: int, data_keys: dict | None = None) -> list[dict]:
   """The first `steps` batches of `prompts` rows of jaxpost's prompt loader over the built-in
-  arithmetic task (shuffle off): {"prompt": messages, "answer", "prompt_ids": rendered ids}."""
+  arithmetic task, or the `data_keys` (`gsm8k_keys`) prompts (shuffle off): {"prompt":
+  messages, "answer", "prompt_ids": rendered ids}."""
   from jaxpost.data.config import data_defaults
   from jaxpost.data.loader import build_loader
   from jaxpost.hf import load_tokenizer, resolve_model_dir
   data = data_defaults()
-  data.update({"train": REWARD, "eval": None, "shuffle": False, "prefetch": 0})
+  data.update({"train": REWARD, "eval": None, "shuffle": False, "prefetch": 0,
+               **(data_keys or {})})
   loader = build_loader(data, load_tokenizer(resolve_model_dir(MODEL)), "prompt", prompts)
   rows = []
   for _ in range(steps):
@@ -71,6 +76,20 @@ def prompt_rows(prompts: int, steps: int) -> list[dict]:
                    "prompt_ids": ids[mask == 1].tolist()})
   loader.close()
   return rows
+
+
+def gsm8k_keys(source: Path, out_dir: Path) -> dict:
+  """The data keys of GSM8K prompts: `source` (openai/grade-school-math jsonl: question, answer
+  ending in "#### <number>") written to out_dir as prompt rows {"prompt": question, "answer":
+  the number} (the arithmetic verifier scores the final number against it), with a
+  data.max_length that holds every rendered question."""
+  out = out_dir / "gsm8k_prompts.jsonl"
+  with open(source) as f, open(out, "w") as w:
+    for line in f:
+      row = json.loads(line)
+      answer = int(row["answer"].split("####")[-1].strip().replace(",", ""))
+      w.write(json.dumps({"prompt": row["question"], "answer": answer}) + "\n")
+  return {"train": str(out), "max_length": GSM8K_PROMPT_TOKENS}
 
 
 def recipe():
@@ -152,8 +171,9 @@ def train_timed(config) -> tuple[dict, list[dict]]:
           "update_times": [r["time/update"] for r in timed_records],
           "first_step": first["compile_time"],
           "later_compile": sum(r.get("time/compile", 0.0) for r in timed_records),
-          "widths": sorted({r["update/completion_slots"] for r in timed_records
-                            if "update/completion_slots" in r}),
+          "widths": sorted({r["update/shared_width"] for r in timed_records
+                            if "update/shared_width" in r}),
+          "fill": mean_of(timed_records, "update/shared_fill"),
           "completion_length": mean_of(timed_records, "completions/mean_length")}, timed_records
 
 
@@ -266,6 +286,11 @@ def shape_text(spec: dict) -> str:
   return f"{spec['batch_size']} x {spec['generations']}, {spec['new_tokens']}"
 
 
+def fill_text(ours: dict) -> str:
+  """The mean share of real tokens in the shared update rows, as a percentage."""
+  return "-" if ours.get("fill") is None else f"{100 * ours['fill']:.0f}%"
+
+
 def speedup_text(ours: dict, reference: dict, times: str = "step_times") -> str:
   """reference / ours median `times`, bold; "-" when a side did not run."""
   if "missing" in ours or "missing" in reference:
@@ -281,28 +306,36 @@ def main():
   parser.add_argument("--generations", type=int, default=8)
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
+  parser.add_argument("--gsm8k", default=None, metavar="JSONL",
+                      help="prompts from GSM8K (e.g. ../shared/data/gsm8k_train.jsonl) instead "
+                           "of the built-in arithmetic task; writes results/grpo_gsm8k.md")
   parser.add_argument("--write", action="store_true",
                       help="write results/grpo.md even when only TRL ran")
   args = parser.parse_args()
   shape = (args.prompts, args.generations, args.new_tokens)
   load = os.getloadavg()[0]
   with tempfile.TemporaryDirectory() as tmp:
+    data = gsm8k_keys(Path(args.gsm8k), Path(tmp)) if args.gsm8k else {}
+    overrides = {f"data.{k}": v for k, v in data.items()}
     outcome = run.run_task("grpo", argparse.Namespace(
-        steps=args.steps, torch_threads=args.torch_threads, overrides={}),
-        {"rollouts": shape}, {}, Path(tmp))
+        steps=args.steps, torch_threads=args.torch_threads, overrides=overrides),
+        {"rollouts": shape, "rollout_data": data}, {}, Path(tmp))
     spec, ours, ref = outcome["spec"], outcome["jaxpost"], outcome["reference"]
-    unshared = run.run_impl({**spec, "overrides": {"data.prefix_sharing": False}}, "jaxpost",
-                            Path(tmp))
+    unshared = run.run_impl({**spec, "overrides": {**overrides, "data.prefix_sharing": False}},
+                            "jaxpost", Path(tmp))
   ratio = speedup_text(ours, ref)
   table = [HEADER, table_row("jaxpost (groups prefix-shared, default)", spec, ours, ratio),
            table_row("jaxpost, data.prefix_sharing=False", spec, unshared,
                      speedup_text(unshared, ref)),
            table_row(run.TASKS["grpo"].reference, spec, ref, "1.00x")]
   common.write_result(
-      "grpo", "GRPO: one iteration, jaxpost vs TRL GRPOTrainer, SmolLM2-135M fp32",
+      "grpo_gsm8k" if args.gsm8k else "grpo",
+      "GRPO: one iteration, jaxpost vs TRL GRPOTrainer, SmolLM2-135M fp32"
+      + (", GSM8K prompts" if args.gsm8k else ""),
       f"PYTHONPATH=/tmp/trl_site python benchmarks/grpo.py --steps={args.steps} "
       f"--prompts={args.prompts} --generations={args.generations} "
-      f"--new_tokens={args.new_tokens} --torch_threads={args.torch_threads}", table,
+      f"--new_tokens={args.new_tokens} --torch_threads={args.torch_threads}"
+      + (f" --gsm8k={args.gsm8k}" if args.gsm8k else ""), table,
       notes(args, ours, unshared, ref, ratio, load), save=args.write or "missing" not in ours)
 
 
@@ -314,7 +347,9 @@ def notes(args, ours: dict, unshared: dict, ref: dict, ratio: str, load: float) 
       "y_G] row per group instead of G [prompt | y_j] rows; the same math (tests/",
       f"test_shared_groups.py); update time unshared / shared: {speedup_text(ours, unshared, 'update_times')}",
       "(target >= 2x).",
-      f"{args.prompts} prompts of the built-in arithmetic task per iteration (jaxpost's prompt",
+      f"{args.prompts} prompts of", "the first GSM8K questions (data.max_length "
+      f"{GSM8K_PROMPT_TOKENS})" if args.gsm8k else "the built-in arithmetic task",
+      "per iteration (jaxpost's prompt",
       "loader, shuffle off, the model's chat template; TRL's prompt token ids asserted equal),",
       f"{args.generations} sampled completions each (temperature 1, up to {args.new_tokens} new",
       "tokens, stop at EOS), reward = jaxpost's arithmetic verifier (1 = right final number).",
@@ -326,9 +361,10 @@ def notes(args, ours: dict, unshared: dict, ref: dict, ratio: str, load: float) 
       "TRL: one batch, gradient_accumulation_steps 1); whole step: both and the bookkeeping",
       "between. Median of",
       f"{args.steps} timed iterations after the first (jaxpost: XLA compilation; TRL: eager",
-      "warm-up). The shared update compiles once per completion width (at most 4;",
-      "update/completion_slots), timed apart as time/compile and left out of the step and",
-      f"update times: the timed iterations used widths {ours.get('widths')} and compiled",
+      "warm-up). The shared update packs the groups into rows as wide as their sampled lengths",
+      "need and compiles once per width (at most 16; update/shared_width), timed apart as",
+      "time/compile and left out of the step and update times: the timed iterations used",
+      f"widths {ours.get('widths')} (real tokens {fill_text(ours)} of the shared slots), compiled",
       f"{ours.get('later_compile', 0.0):.1f} s for new ones. Completion lengths are sampled, so",
       "each side decodes its own number of tokens",
       "(generation stops once every row has emitted EOS): mean completion tokens per row over the",

@@ -10,7 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 ORDER = ["suite", "suite_dpo_chat-sft_chat-rm_chat-dpo_lora_chat", "suite_generate", "memory",
-         "memory_T512", "forward", "sft", "dpo", "grpo", "ppo", "distill", "data", "dpo_trl_parity"]
+         "memory_T512", "forward", "sft", "dpo", "grpo", "grpo_gsm8k", "ppo", "distill", "data",
+         "dpo_trl_parity"]
 
 HEADER = """# Benchmarks
 

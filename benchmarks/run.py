@@ -141,7 +141,8 @@ def task_inputs(task: Task, shapes: dict, steps: int, cache: dict, workdir: Path
   if task.data not in cache:
     if task.data == "rollouts":
       prompts, generations, new = shapes["rollouts"]
-      cache["rollouts"] = {"rows": grpo.prompt_rows(prompts, steps), "batch_size": prompts,
+      cache["rollouts"] = {"rows": grpo.prompt_rows(prompts, steps, shapes.get("rollout_data")),
+                           "batch_size": prompts,
                            "generations": generations, "new_tokens": new, "length": new}
     elif task.data == "prompts":
       from jaxpost.hf import load_tokenizer, resolve_model_dir

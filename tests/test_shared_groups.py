@@ -27,64 +27,109 @@ def rows_of(out):
           "positions": out.positions, "completion_mask": out.completion_mask}
 
 
-def test_shared_rows_hold_each_prompt_once_and_every_completion(sampled):
+def full(out, k=1):
+  return shared_groups.full_width(out.input_ids.shape[1] - N, G, N, k)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_shared_rows_hold_each_prompt_once_and_every_completion(sampled, k):
+  """Group i sits in shared row i // k, as segment i % k + 1 (when k > 1), its prompt once and
+  every completion j as branch j + 1, at the slots `slots` names."""
   config, out = sampled
-  shared, slots = jax.device_get(shared_groups.shared_rows(rows_of(out), G, N))
+  shared, slots = jax.device_get(shared_groups.shared_rows(rows_of(out), G, full(out, k),
+                                                           groups_per_row=k))
   out = jax.device_get(out)
-  width = out.input_ids.shape[1] + (G - 1) * N
-  assert shared["input_ids"].shape == (len(PROMPTS), width) and slots.shape == (len(PROMPTS), G,
-                                                                              width - (G - 1) * N)
+  rows = len(PROMPTS) // k
+  assert shared["input_ids"].shape == (rows, full(out, k))
+  assert slots.shape == (rows, k * G, out.input_ids.shape[1])
+  assert ("segment_ids" in shared) == (k > 1)
   lengths = out.completion_lengths.reshape(-1, G)
   prompt_len = (out.attention_mask.sum(-1) - out.completion_lengths).reshape(-1, G)[:, 0]
-  np.testing.assert_array_equal(shared["attention_mask"].sum(-1), prompt_len + lengths.sum(-1))
+  group_len = (prompt_len + lengths.sum(-1)).reshape(rows, k)
+  np.testing.assert_array_equal(shared["attention_mask"].sum(-1), group_len.sum(-1))
   for i in range(len(PROMPTS)):
     for j in range(G):
       r = i * G + j
+      row = slots[i // k, (i % k) * G + j]
       real = out.attention_mask[r] > 0
-      np.testing.assert_array_equal(shared["input_ids"][i, slots[i, j][real]], out.input_ids[r][real])
-      np.testing.assert_array_equal(shared["positions"][i, slots[i, j][real]], out.positions[r][real])
+      np.testing.assert_array_equal(shared["input_ids"][i // k, row[real]], out.input_ids[r][real])
+      np.testing.assert_array_equal(shared["positions"][i // k, row[real]], out.positions[r][real])
       completion = out.completion_mask[r] > 0
-      assert (shared["branch_ids"][i, slots[i, j][completion]] == j + 1).all()
-      assert (shared["branch_ids"][i, slots[i, j][real & ~completion]] == 0).all()
+      assert (shared["branch_ids"][i // k, row[completion]] == j + 1).all()
+      assert (shared["branch_ids"][i // k, row[real & ~completion]] == 0).all()
+      if k > 1:
+        assert (shared["segment_ids"][i // k, row[real]] == i % k + 1).all()
+  padding = np.arange(full(out, k))[None] >= group_len.sum(-1)[:, None]
+  assert (shared["attention_mask"][padding] == 0).all()  # the padding only at the row's end
 
 
-def test_shared_logprobs_equal_unshared_and_a_full_forward(lm, sampled):
+@pytest.mark.parametrize("k", [1, 2])
+def test_shared_logprobs_equal_unshared_and_a_full_forward(lm, sampled, k):
   config, out = sampled
   unshared = rows_logprobs(lm.model, lm.params, rows_of(out), config)
   shared = rows_logprobs(lm.model, lm.params, rows_of(out),
-                         dataclasses.replace(config, prefix_sharing=True))
+                         dataclasses.replace(config, prefix_sharing=True, groups_per_row=k))
   np.testing.assert_allclose(shared, unshared, atol=1e-5)
   np.testing.assert_allclose(shared, full_forward_logprobs(lm, jax.device_get(out), 1.0), atol=1e-5)
   assert np.abs(np.asarray(shared)).sum() > 0
 
 
-def test_narrowed_rows_give_the_same_logprobs(lm, sampled):
-  """Shared rows as wide as the sampled completions need (`completion_slots`) lose nothing."""
-  config, out = sampled
-  lengths = np.asarray(out.completion_lengths)
-  slots = shared_groups.completion_slots(lengths, G, N)
-  assert slots >= lengths.reshape(-1, G).sum(-1).max() and slots % -(-G * N // 4) in (0, G * N)
-  assert shared_groups.completion_slots(np.ones(2 * G, int), G, N) == -(-G * N // 4)
-  assert shared_groups.completion_slots(np.full(2 * G, N), G, N) == G * N
-  full = dataclasses.replace(config, prefix_sharing=True)
-  narrowed = dataclasses.replace(full, completion_slots=slots)
-  np.testing.assert_allclose(rows_logprobs(lm.model, lm.params, rows_of(out), narrowed),
-                             rows_logprobs(lm.model, lm.params, rows_of(out), full), atol=1e-6)
-  shared, _ = shared_groups.shared_rows(rows_of(out), G, N, slots_after_prompt=slots)
-  assert shared["input_ids"].shape[1] == out.input_ids.shape[1] - N + slots
+def test_row_layout_balances_rows_and_narrows_to_the_fullest():
+  """Four groups of 100, 60, 50, 10 tokens on two rows of two: {100, 10} and {60, 50}; the
+  fullest row (110) rounds up to 128 (WIDTH_STEP), never past the full width."""
+  prompts, g = np.array([40, 20, 30, 4]), 2
+  completions = np.array([30, 30, 20, 20, 10, 10, 3, 3])
+  order, width, fill = shared_groups.row_layout(prompts, completions, g, 2, max_width=2048)
+  assert [set(order[:2]), set(order[2:])] == [{0, 3}, {1, 2}]
+  assert width == 128 and fill == pytest.approx(220 / 256)
+  assert shared_groups.row_layout(prompts, completions, g, 2, max_width=100)[1] == 100
+  step = -(-4096 // shared_groups.MAX_WIDTHS)  # a wide row rounds to 1/16 of its full width
+  assert shared_groups.row_layout(prompts, completions, g, 2, max_width=4096)[1] == step
+  assert shared_groups.groups_per_row(8, 600) == 2 and shared_groups.groups_per_row(6, 500) == 3
+  assert shared_groups.groups_per_row(3, 4000) == 1
 
 
-def test_no_completion_sees_another(lm, sampled):
-  """Rewriting completion j = 1 of every group changes its own log-probs only."""
+def test_laid_out_rows_give_the_same_logprobs(lm, sampled):
+  """Groups in `row_layout`'s order, packed two to a row as narrow as their lengths need: the
+  log-probs are the unshared rows' in that order."""
   config, out = sampled
-  config = dataclasses.replace(config, prefix_sharing=True)
+  rows = shortened(rows_of(out), 3)
+  lengths = rows["completion_mask"].sum(-1)
+  prompts = (rows["attention_mask"].sum(-1) - lengths)[::G]
+  order, width, _ = shared_groups.row_layout(prompts, lengths, G, 2, full(out, 2))
+  assert width < full(out, 2)
+  order = order[::-1].copy()  # any order of the groups holds (this row is balanced either way)
+  ordered = shared_groups.in_row_order(rows, order, G)
+  packed = dataclasses.replace(config, prefix_sharing=True, groups_per_row=2, shared_width=width)
+  expected = shared_groups.in_row_order(rows_logprobs(lm.model, lm.params, rows, config), order, G)
+  np.testing.assert_allclose(rows_logprobs(lm.model, lm.params, ordered, packed), expected,
+                             atol=1e-5)
+
+
+def shortened(rows, n):
+  """`rows` with each completion cut to its first n tokens (as if it stopped there)."""
+  completion = np.asarray(rows["completion_mask"])
+  kept = completion * (np.cumsum(completion, axis=1) <= n)
+  attention = np.asarray(rows["attention_mask"]) - completion + kept
+  return {**jax.device_get(rows), "completion_mask": kept, "attention_mask": attention}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_no_completion_sees_another(lm, sampled, k):
+  """Rewriting completion j = 1 of every group changes its own log-probs only; with two groups
+  to a row, rewriting group 0 whole (prompt too) leaves group 1's."""
+  config, out = sampled
+  config = dataclasses.replace(config, prefix_sharing=True, groups_per_row=k)
   rows = rows_of(out)
   before = np.asarray(rows_logprobs(lm.model, lm.params, rows, config))
   ids = np.asarray(out.input_ids).copy()
-  mine = (np.arange(ids.shape[0]) % G == 1)[:, None] & (np.asarray(out.completion_mask) > 0)
+  row = np.arange(ids.shape[0])
+  mine = (row % G == 1)[:, None] & (np.asarray(out.completion_mask) > 0)
+  if k > 1:
+    mine = (row < G)[:, None] & (np.asarray(out.attention_mask) > 0)
   ids[mine] = (ids[mine] + 17) % lm.config.vocab_size
   after = np.asarray(rows_logprobs(lm.model, lm.params, {**rows, "input_ids": ids}, config))
-  others = np.arange(ids.shape[0]) % G != 1
+  others = ~mine.any(-1)
   np.testing.assert_allclose(after[others], before[others], atol=1e-6)
   assert np.abs(after[~others] - before[~others]).max() > 1e-3
 
@@ -108,12 +153,9 @@ def test_runs_equal_unshared(tmp_path, recipe, overrides):
     for key in ("loss", "grad_norm", "kl", "entropy", "param_norm", "clip_ratio/region_mean"):
       np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
   assert shared[-1]["kl"] > 0 and shared[0]["grad_norm"] > 0
-  c = jaxpost.configs.get(recipe)
-  g, n = c[recipe.split(":")[0]].num_generations, c.rollout.max_new_tokens
-  for r in shared:  # narrowed to the sampled lengths, never short of them
-    assert r["completions/max_length"] <= r["update/completion_slots"] <= min(
-        g * n, g * r["completions/max_length"] + -(-g * n // 4))
-  widths = [r["update/completion_slots"] for r in shared]
+  for r in shared:  # packed rows, narrowed to the sampled lengths
+    assert 0 < r["update/shared_fill"] <= 1
+  widths = [r["update/shared_width"] for r in shared]
   for i, r in enumerate(shared):  # a new width is compiled ahead of its call, timed apart
     assert "time/compile" in r or widths[i] in widths[:i], (i, widths)
   update_flops = lambda r: r["mfu/update"] * r["time/update"]  # x peak: counted as laid out

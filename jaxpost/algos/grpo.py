@@ -193,6 +193,10 @@ def make_iteration_update(s: Settings, setup, ref_module):
   dapo = s.family == "grpo" and s.loss.loss_type == "dapo"
 
   def one_iteration(state, frozen, rollout, rewards):
+    if "group_order" in rollout:  # the shared rows' layout (shared_groups.row_layout)
+      rollout, order = dict(rollout), rollout["group_order"]
+      del rollout["group_order"]
+      rollout, rewards = shared_groups.in_row_order((rollout, rewards), order, s.num_generations)
     ref_logps = None
     if "ref" in frozen:
       ref_logps = frozen_logprobs(ref_module, frozen["ref"], rollout, s.rollout)
@@ -207,7 +211,7 @@ def make_iteration_update(s: Settings, setup, ref_module):
       per_row["ref_logps"] = ref_logps
     if s.rollout.prefix_sharing:
       batch = shared_groups.grouped_batch(rollout, per_row, s.num_generations,
-                                          s.rollout.max_new_tokens, s.rollout.completion_slots)
+                                          s.rollout.shared_width, s.rollout.groups_per_row)
     else:
       batch = {**{k: rollout[k] for k in SEQUENCE_FIELDS}, **per_row}
     rng = jax.random.fold_in(state.rng, iteration.MINIBATCH_STREAM)
@@ -222,63 +226,80 @@ def make_iteration_update(s: Settings, setup, ref_module):
 
 
 def iteration_flops(s: Settings, cfg, prompt_width: int, rows: int, weight_grads: bool,
-                    reference: bool, completion_slots=None) -> tuple[float, float]:
+                    reference: bool, shared_width=None) -> tuple[float, float]:
   """(rollout FLOPs, update FLOPs) of one iteration (model FLOPs, PaLM appendix B): the rollout's
   (`iteration.rollout_flops`); the update adds the reference forward and μ passes of forward +
-  backward over the R rows, as wide as the update laid them out (`completion_slots`)."""
-  narrowed = dataclasses.replace(s.rollout, completion_slots=completion_slots)
+  backward over the R rows, as wide as the update laid them out (`shared_width`)."""
+  narrowed = dataclasses.replace(s.rollout, shared_width=shared_width)
   forward = iteration.rows_pass_flops(cfg, narrowed, prompt_width, rows)
   backward = (3 if weight_grads else 2) * forward * s.num_iterations
   return (iteration.rollout_flops(cfg, s.rollout, prompt_width, rows),
           backward + (forward if reference else 0.0))
 
 
-def groups_shared(config, s: Settings, mesh) -> bool:
-  """Whether the update passes share each group's prompt (`data.prefix_sharing`, G > 1): whole
+def shared_groups_per_row(config, s: Settings, mesh) -> int:
+  """k of the update's prefix-shared rows (`data.prefix_sharing`, G > 1; 0: unshared): whole
   groups must split into num_minibatches x grad_accum microbatches over the data-parallel
-  devices (otherwise the rows stay unshared, and the log says why)."""
+  devices (otherwise the rows stay unshared, and the log says why); each microbatch's groups on
+  one device are packed into rows of k (`shared_groups.groups_per_row`)."""
   if not config.data.get("prefix_sharing", False) or s.num_generations == 1:
-    return False
+    return 0
   parts = s.num_minibatches * config.grad_accum
   parallel = math.prod(mesh.shape[a] for a in sh.BATCH_AXES) if mesh is not None else 1
   if config.batch_size % (parts * parallel):
     log.info("prefix sharing off for this run: config.batch_size=%d groups do not split into "
              "%d microbatches x %d data-parallel devices", config.batch_size, parts, parallel)
-    return False
-  return True
+    return 0
+  group_width = shared_groups.full_width(config.data.max_length, s.num_generations,
+                                         s.rollout.max_new_tokens)
+  return shared_groups.groups_per_row(config.batch_size // (parts * parallel), group_width)
 
 
 def make_step(setup):
   """Algorithm.make_step of grpo / rloo: one iteration per loop step (module docstring). With
-  prefix sharing the update's shared rows are as wide as the sampled completions need
-  (`shared_groups.completion_slots`, logged as `update/completion_slots`): one update per
-  width (`iteration.compiled_per_shape`: its compilation is logged apart as `time/compile`)."""
+  prefix sharing the update packs the groups into rows as wide as the sampled completions need
+  (`shared_groups.row_layout`, logged as `update/shared_width` and `update/shared_fill`, the
+  real tokens' share of the rows): one update per width (`iteration.compiled_per_shape`: its
+  compilation is logged apart as `time/compile`)."""
   s = settings(setup.config)
-  shared = groups_shared(setup.config, s, setup.mesh)
-  s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=shared))
+  k = shared_groups_per_row(setup.config, s, setup.mesh)
+  s = dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, prefix_sharing=k > 0,
+                                                         groups_per_row=max(k, 1)))
   lora = "lora_base" in setup.frozen_shardings
   reference = "ref" in setup.frozen_shardings
   updates = {}
 
-  def with_slots(slots) -> Settings:
-    return dataclasses.replace(s, rollout=dataclasses.replace(s.rollout, completion_slots=slots))
-
   def update(state, frozen, rollout, rewards):
-    slots = None
-    if shared:
-      slots = shared_groups.completion_slots(scoring.host_array(rollout["completion_lengths"]),
-                                             s.num_generations, s.rollout.max_new_tokens)
-    if slots not in updates:
-      updates[slots] = iteration.compiled_per_shape(
-          make_iteration_update(with_slots(slots), setup, setup.ctx.modules.get("ref")))
-    state, metrics = updates[slots](state, frozen, rollout, rewards)
-    return state, {**metrics, **({"update/completion_slots": slots} if shared else {})}
+    width, metrics = None, {}
+    if k:
+      rollout, width, metrics = laid_out(s, rollout, setup.batch_sharding)
+    if width not in updates:
+      narrowed = dataclasses.replace(s.rollout, shared_width=width)
+      updates[width] = iteration.compiled_per_shape(make_iteration_update(
+          dataclasses.replace(s, rollout=narrowed), setup, setup.ctx.modules.get("ref")))
+    state, update_metrics = updates[width](state, frozen, rollout, rewards)
+    return state, {**update_metrics, **metrics}
 
   def flops(width, rows, metrics):
     return iteration_flops(s, setup.policy.model.cfg, width, rows, not lora, reference,
-                           metrics.get("update/completion_slots"))
+                           metrics.get("update/shared_width"))
 
   return iteration.make_iteration_step(setup, s.rollout, update, flops)
+
+
+def laid_out(s: Settings, rollout: dict, batch_sharding) -> tuple[dict, int, dict]:
+  """(rollout + its `group_order`, the shared width, metrics) of `shared_groups.row_layout` on
+  the sampled lengths (host values)."""
+  completion = scoring.host_array(rollout["completion_mask"]).sum(-1)
+  prompt = (scoring.host_array(rollout["attention_mask"]).sum(-1) - completion)
+  prompt_width = rollout["input_ids"].shape[1] - s.rollout.max_new_tokens
+  k, g = s.rollout.groups_per_row, s.num_generations
+  order, width, fill = shared_groups.row_layout(
+      prompt[::g], completion, g, k,
+      shared_groups.full_width(prompt_width, g, s.rollout.max_new_tokens, k))
+  order = jax.make_array_from_callback(order.shape, batch_sharding, lambda index: order[index])
+  return ({**rollout, "group_order": order}, width,
+          {"update/shared_width": width, "update/shared_fill": fill})
 
 
 # --- frozen trees ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxpost.algos import scoring
+from jaxpost.algos import scoring, shared_groups
 from jaxpost.algos.rollout import RolloutConfig, sample_rollout
 from jaxpost.models.config import forward_flops_per_token
 from jaxpost.train.algorithms import applied_policy
@@ -72,11 +72,13 @@ def rows_forward_flops(cfg, width: int, rows: int) -> float:
 
 def rows_pass_flops(cfg, config: RolloutConfig, prompt_width: int, rows: int) -> float:
   """Model FLOPs of one forward over the R rollout rows as laid out: R rows of width P + N, or
-  with prefix sharing R / G rows of width P + S (S completion slots, G N unless narrowed;
+  with prefix sharing R / (G k) rows of the shared width (k groups per row;
   algos/shared_groups.py)."""
   if config.prefix_sharing:
-    slots = config.completion_slots or config.num_generations * config.max_new_tokens
-    return rows_forward_flops(cfg, prompt_width + slots, rows // config.num_generations)
+    per_row = config.num_generations * config.groups_per_row
+    width = config.shared_width or shared_groups.full_width(
+        prompt_width, config.num_generations, config.max_new_tokens, config.groups_per_row)
+    return rows_forward_flops(cfg, width, rows // per_row)
   return rows_forward_flops(cfg, prompt_width + config.max_new_tokens, rows)
 
 

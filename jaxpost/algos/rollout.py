@@ -51,11 +51,11 @@ class RolloutConfig:
   recompute_logprobs: False skips step 3 (`logprobs` is None, no logp_difference metrics), for
   callers whose update recomputes them anyway (GRPO with one update per rollout: the update's
   own forward is π_old, and it reports logp_difference against `sampler_logprobs`).
-  prefix_sharing: the recompute and `frozen_logprobs` run on one [prompt | y_1 | ... | y_G] row
-  per group (algos/shared_groups.py); same values, the prompt computed once. completion_slots:
-  the slots a shared row holds after the prompt (None: G x max_new_tokens, room for any
-  completions; the GRPO update narrows it to the sampled lengths, `shared_groups.
-  completion_slots`).
+  prefix_sharing: the recompute and `frozen_logprobs` run on [prompt | y_1 | ... | y_G] rows,
+  `groups_per_row` groups per row (algos/shared_groups.py); same values, each prompt computed
+  once. shared_width: the slots of a shared row (None: `shared_groups.full_width`, room for any
+  completions; the GRPO update narrows it to the sampled lengths, `shared_groups.row_layout`,
+  whose order the rows are then in).
   """
   num_generations: int
   max_new_tokens: int
@@ -66,7 +66,8 @@ class RolloutConfig:
   chunk_size: int = DEFAULT_CHUNK_SIZE
   recompute_logprobs: bool = True
   prefix_sharing: bool = False
-  completion_slots: Optional[int] = None
+  shared_width: Optional[int] = None
+  groups_per_row: int = 1
 
   def __post_init__(self):
     if not isinstance(self.num_generations, int) or self.num_generations < 1:
@@ -189,11 +190,20 @@ def rows_logprobs(module, params, rows: dict, config: RolloutConfig):
   kwargs = {"chunk_size": config.chunk_size, "temperature": config.scoring_temperature}
   if config.prefix_sharing:
     batch = shared_groups.grouped_batch(rows, {"loss_mask": rows["completion_mask"]},
-                                        config.num_generations, config.max_new_tokens,
-                                        config.completion_slots)
+                                        config.num_generations, shared_row_width(config, rows),
+                                        config.groups_per_row)
     return shared_groups.grouped_token_stats(module, params, batch, **kwargs)["logprobs"]
   fields = {**rows, "loss_mask": rows["completion_mask"]}
   return model_token_stats(module, params, fields, **kwargs)["logprobs"]
+
+
+def shared_row_width(config: RolloutConfig, rows: dict) -> int:
+  """W of the shared rows of rollout `rows` [R, L]: `config.shared_width`, or the full width."""
+  if config.shared_width is not None:
+    return config.shared_width
+  prompt_width = rows["input_ids"].shape[1] - config.max_new_tokens
+  return shared_groups.full_width(prompt_width, config.num_generations, config.max_new_tokens,
+                                  config.groups_per_row)
 
 
 def frozen_logprobs(module, params, rows: dict, config: RolloutConfig):
