@@ -49,7 +49,7 @@ import common  # noqa: E402
 MODEL = "bundled:smollm2-135m-instruct"
 REWARD = "builtin:arithmetic"
 LEARNING_RATE = 1e-6  # TRL GRPOConfig's default
-GSM8K_PROMPT_TOKENS = 512  # data.max_length of --gsm8k: the longest rendered question fits
+GSM8K_PROMPT_TOKENS = 256  # data.max_length of --gsm8k: every rendered train question (<= 253)
 RECIPE_KEYS = {"grpo.loss_type": "dapo", "grpo.num_iterations": 1, "rollout.temperature": 1.0}
 
 

@@ -21,7 +21,8 @@ and critic, gradient clipping at norm 1.
 
   jaxpost  `jaxpost.configs.get("ppo")` through `jaxpost.train` (log_every 1): step_time,
            time/rollout (sampling + the reward model's scores, one jit) and time/update (the
-           rest, one jit) from metrics.jsonl
+           rest, one jit) from metrics.jsonl; once more with critic.share_backbone=True
+           (the critic a score head on the policy's trunk: one trunk instead of two)
   TRL      trl.experimental.ppo.PPOTrainer, per_device_train_batch_size = P / grad_accum,
            gradient_accumulation_steps = grad_accum, num_mini_batches 1, num_ppo_epochs 4,
            local_rollout_forward_batch_size P (one generate call); whole step = between two
@@ -50,6 +51,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import common  # noqa: E402
 import grpo  # noqa: E402
 
+SHARED_CRITIC = {"critic.share_backbone": True}  # the third row: value head on the policy trunk
 LEARNING_RATE = 3e-6  # TRL PPOConfig's default, for the policy and the critic
 TEMPERATURE = 0.7  # the recipe's rollout.temperature and TRL PPOConfig's default
 EPOCHS = 4
@@ -69,7 +71,8 @@ def jaxpost_config(spec: dict, workdir: str):
       "ppo.num_generations": 1, "ppo.num_epochs": EPOCHS, "ppo.num_minibatches": 1,
       **{f"ppo.{k}": v for k, v in PPO_KEYS.items()}, "rollout.temperature": TEMPERATURE,
       "reward.model": spec["score_dir"], "reward.funcs": "", "critic.name_or_path": "",
-      "critic.optimizer.learning_rate": LEARNING_RATE, "critic.optimizer.max_grad_norm": 1.0})
+      "critic.optimizer.learning_rate": LEARNING_RATE, "critic.optimizer.max_grad_norm": 1.0,
+      **spec.get("overrides", {})})
   return c
 
 
@@ -179,13 +182,14 @@ def child(spec_file: str):
   common.emit_result({**result, "rss_gb": common.peak_rss_gb()})
 
 
-def run_side(spec: dict, impl: str, tmp: Path) -> dict:
+def run_side(spec: dict, impl: str, tmp: Path, overrides: dict | None = None) -> dict:
+  """One side in its own child process; jaxpost with the config `overrides`."""
+  label = f"ppo {impl}" + "".join(f" {k}={v}" for k, v in (overrides or {}).items())
   path = tmp / f"ppo_{impl}.json"
-  path.write_text(json.dumps({**spec, "impl": impl}))
-  print(f"ppo {impl} ...", flush=True)
-  result = common.child_result([sys.executable, __file__, f"--child={path}"], f"ppo {impl}",
-                               ROOT)
-  print(f"ppo {impl}: median {statistics.median(result['step_times']):.2f} s", flush=True)
+  path.write_text(json.dumps({**spec, "impl": impl, "overrides": overrides or {}}))
+  print(f"{label} ...", flush=True)
+  result = common.child_result([sys.executable, __file__, f"--child={path}"], label, ROOT)
+  print(f"{label}: median {statistics.median(result['step_times']):.2f} s", flush=True)
   return result
 
 
@@ -213,9 +217,12 @@ def main():
             "model_dir": str(resolve_model_dir(grpo.MODEL)),
             "score_dir": run.score_model_dir(Path(tmp))}
     ours, ref = (run_side(spec, impl, Path(tmp)) for impl in ("jaxpost", "trl"))
+    shared = run_side(spec, "jaxpost", Path(tmp), SHARED_CRITIC)
   ratio = grpo.speedup_text(ours, ref)
   header = [c if c != "mean reward" else "mean score" for c in grpo.HEADER]
   table = [header, grpo.table_row("jaxpost", spec, ours, ratio),
+           grpo.table_row("jaxpost, critic.share_backbone=True", spec, shared,
+                          grpo.speedup_text(shared, ref)),
            grpo.table_row("TRL PPOTrainer (1.0.0)", spec, ref, "1.00x")]
   common.write_result(
       "ppo", "PPO: one iteration, jaxpost vs TRL experimental PPOTrainer, SmolLM2-135M fp32",
@@ -239,6 +246,10 @@ def notes(args, ours: dict, ref: dict, ratio: str, load: float) -> str:
       "model's forwards; jaxpost: the sampling jit, which scores in-graph); update: the",
       "reference and critic forwards, GAE and the PPO epochs (TRL takes the sampled tokens'",
       "log-probs from generate's logits; jaxpost recomputes them in the update's jit).",
+      "Both updates run at this CPU's fp32 matmul rate on the same work; the",
+      "critic.share_backbone=True row (configs/ppo.py:shared_critic, a different critic: a",
+      "score head on the policy's trunk, so one trunk forward and backward instead of two)",
+      "shows the lever that halves it.",
       "Mean score: the reward model's",
       "objective/scores over the timed iterations (the score head is untrained, so it only",
       "shows that both sides score). TRL reports no completion lengths. Median of",
