@@ -343,9 +343,9 @@ def notes(args, ours: dict, unshared: dict, ref: dict, ratio: str, load: float) 
   settings = lambda r: ", ".join(f"{k}={v}" for k, v in r.get("settings", {}).items()) or "-"
   return " ".join([
       f"jaxpost / TRL whole-step time: {ratio} (target >= 2x).",
-      "Prefix sharing (algos/shared_groups.py): the update runs on one [prompt | y_1 | ... |",
-      "y_G] row per group instead of G [prompt | y_j] rows; the same math (tests/",
-      f"test_shared_groups.py); update time unshared / shared: {speedup_text(ours, unshared, 'update_times')}",
+      "Prefix sharing (algos/shared_groups.py): the update runs on [prompt | y_1 | ... |",
+      "y_G] groups packed into rows (a segment each) instead of G [prompt | y_j] rows; the",
+      f"same math (tests/test_shared_groups.py); update time unshared / shared: {speedup_text(ours, unshared, 'update_times')}",
       "(target >= 2x).",
       f"{args.prompts} prompts of", "the first GSM8K questions (data.max_length "
       f"{GSM8K_PROMPT_TOKENS})" if args.gsm8k else "the built-in arithmetic task",

@@ -1,6 +1,6 @@
-"""Prefix-shared rollout groups (algos/shared_groups.py): one [prompt | y_1 | ... | y_G] row per
-group gives the per-row log-probs of the unshared rows, no completion sees another, and GRPO /
-RLOO runs with data.prefix_sharing equal the unshared runs."""
+"""Prefix-shared rollout groups (algos/shared_groups.py): [prompt | y_1 | ... | y_G] groups, one or
+k packed to a row, give the per-row log-probs of the unshared rows, no completion sees another nor
+a group another group, and GRPO / RLOO runs with data.prefix_sharing equal the unshared runs."""
 
 import dataclasses
 

@@ -56,9 +56,9 @@ KEYS = {  # data.<key>: doc
     "packing": "first-fit-decreasing packing of SFT examples into rows of max_length (and of "
                "prefix-shared pair groups into rows, data.prefix_sharing)",
     "prefix_sharing": "preference pairs (DPO family, reward models) as one [prompt | chosen | "
-                      "rejected] row each, GRPO / RLOO groups as one [prompt | y_1 | ... | y_G] "
-                      "row in the update passes: the prompt computed once (DESIGN 'Prefix "
-                      "sharing')",
+                      "rejected] row each, GRPO / RLOO groups as [prompt | y_1 | ... | y_G] "
+                      "segments packed into rows in the update passes: the prompt computed "
+                      "once (DESIGN 'Prefix sharing')",
     "train_on": "trained tokens: all_assistant | last_assistant (assistant turns; TRL's "
                 "assistant_only_loss / completion_only_loss) | all (every token but padding, "
                 "TRL's default)",
