@@ -290,8 +290,8 @@ def make_step(setup):
 def laid_out(s: Settings, rollout: dict, batch_sharding) -> tuple[dict, int, dict]:
   """(rollout + its `group_order`, the shared width, metrics) of `shared_groups.row_layout` on
   the sampled lengths (host values)."""
-  completion = scoring.host_array(rollout["completion_mask"]).sum(-1)
-  prompt = (scoring.host_array(rollout["attention_mask"]).sum(-1) - completion)
+  completion = scoring.host_array(rollout["completion_lengths"])
+  prompt = scoring.host_array(rollout["attention_mask"]).sum(-1) - completion
   prompt_width = rollout["input_ids"].shape[1] - s.rollout.max_new_tokens
   k, g = s.rollout.groups_per_row, s.num_generations
   order, width, fill = shared_groups.row_layout(

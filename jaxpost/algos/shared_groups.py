@@ -18,7 +18,7 @@ unshared row gives; `losses/logprobs.predecessor_index` reads the first token of
 last prompt slot of its group.
 
 Widths. `full_width` = k (P + G N) (P: the rollout's prompt width, N = max_new_tokens) holds any
-rollout: the π_old recompute inside sampling uses it with k = 1. The update runs once the
+rollout: the π_old recompute inside sampling (μ > 1) uses it. The update runs once the
 lengths are sampled, so `row_layout` places the groups on the rows by their real sizes (longest
 first, each on the least-filled row with room) and narrows W to the fullest row, rounded up to
 max(WIDTH_STEP, full / MAX_WIDTHS) slots: at most MAX_WIDTHS widths, each compiled once. k is
