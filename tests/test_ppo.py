@@ -85,9 +85,9 @@ def test_metrics_first_update_ratio_one_and_export(straight):
   assert rows[0]["time/compile"] > 0  # the update compiled ahead of its call, timed apart
   assert rows[0]["objective/scores"] == pytest.approx(0.5)  # the four targets' mean
   assert abs(rows[0]["objective/kl"]) < 1e-5                # the reference is the initial policy
-  lm = load_model(str(tmp / "straight" / "hf"))
-  assert lm.head == "lm" and lm.config.hidden_size == 64
   restored = load_trained(str(tmp / "straight"))  # from the {policy, value} checkpoint
+  lm = load_model(str(tmp / "straight" / "hf"), scan_layers=restored.config.scan_layers)
+  assert lm.head == "lm" and lm.config.hidden_size == 64
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(lm.params)):
     np.testing.assert_array_equal(a, b)
 
