@@ -39,8 +39,9 @@ when another completion precedes it in the row (`predecessor_index`); the hidden
 gathered at those slots instead of shifted by one.
 
 `token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy, entropy, mean
-logit); they carry no gradient, except the entropy with `entropy_grad=True` (PPO's entropy
-bonus), whose gradient the same recomputing backward pass carries.
+logit) and the logsumexp; they carry no gradient, except the entropy with `entropy_grad=True`
+(PPO's entropy bonus), whose gradient the same recomputing backward pass carries. That backward
+reads each chunk's forward logsumexp (and entropy), so it recomputes the logits' matmul only.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ import jax.numpy as jnp
 from jaxpost.models.llama import output_kernel
 
 DEFAULT_CHUNK_SIZE = 32
-STATS = ("logprobs", "correct", "entropy", "logit_mean")
+STATS = ("logprobs", "correct", "entropy", "logit_mean", "lse")
+FORWARD = "forward"  # context key of a chunk's forward stats, in the backward's recompute
 
 
 def chunk_logits(h, kernel, temperature=1.0):
@@ -68,16 +70,18 @@ def chunk_logits(h, kernel, temperature=1.0):
 
 def _chunk_stats(h, kernel, targets, context, consts, entropy_grad: bool = False):
   """Stats of one chunk: h [G, C, D], targets [G, C] -> dict of [G, C] fp32 arrays of the
-  distribution p = softmax(z), z = h W / consts["temperature"]. The entropy
-  H = logsumexp(z) − Σ_v p_v z_v is differentiable with `entropy_grad`
-  (∂H/∂z_v = −p_v (z_v − Σ_u p_u z_u)), else a diagnostic without gradient.
+  distribution p = softmax(z), z = h W / consts["temperature"]: `logprobs`, `correct`, `entropy`
+  H = logsumexp(z) − Σ_v p_v z_v (differentiable with `entropy_grad`, else a diagnostic
+  without gradient), `logit_mean` and `lse` = logsumexp(z).
 
   Each vocabulary-wide pass is written the way XLA:CPU runs fastest: the row maximum is
-  computed once (for logsumexp and for `correct`, the target's logit reaching it), and Σ_v p_v z_v
+  computed once (for logsumexp and for `correct`, the target's logit reaching it) and Σ_v p_v z_v
   is a batched dot product (fused as an elementwise reduction it runs an order of magnitude
-  slower on CPU)."""
-  del context
+  slower). In the backward's recompute (`context[FORWARD]`: this chunk's forward stats) see
+  `_recomputed_stats`."""
   logits = chunk_logits(h, kernel, consts["temperature"])
+  if FORWARD in context:
+    return _recomputed_stats(logits, targets, context[FORWARD], entropy_grad)
   top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
   lse = top + jnp.log(jnp.sum(jnp.exp(logits - top[..., None]), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
@@ -89,7 +93,27 @@ def _chunk_stats(h, kernel, targets, context, consts, entropy_grad: bool = False
       "correct": (jax.lax.stop_gradient(target_logit) >= top).astype(jnp.float32),
       "entropy": lse_z - jnp.einsum("gcv,gcv->gc", probs, z),
       "logit_mean": jnp.mean(logits_ng, axis=-1),
+      "lse": lse,
   }
+
+
+def _recomputed_stats(logits, targets, forward: dict, entropy_grad: bool) -> dict:
+  """`_chunk_stats` in the backward's recompute, from the chunk's forward stats: the same values
+  and the same gradients with respect to the logits z, with no vocabulary-wide reduction (the
+  backward needs none once logsumexp is known; XLA:CPU fuses a reduction into the recomputed
+  logits' matmul at ~8x its cost). With p = exp(z − lse) from the saved lse:
+  ∂ logprob / ∂z = onehot(target) − p, and ∂H / ∂z = −p (z − (lse − H)). Each enters as
+  `linear(g)` = Σ_v g_v (z_v − sg(z_v)): value 0, gradient g."""
+  z_ng = jax.lax.stop_gradient(logits)
+  lse = forward["lse"]
+  probs = jnp.exp(z_ng - lse[..., None])
+  linear = lambda g: jnp.sum(g * (logits - z_ng), axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  entropy = forward["entropy"]
+  if entropy_grad:
+    entropy = entropy + linear(-probs * (z_ng - (lse - entropy)[..., None]))
+  return {"logprobs": target_logit - (lse + linear(probs)), "correct": forward["correct"],
+          "entropy": entropy, "logit_mean": forward["logit_mean"], "lse": lse + linear(probs)}
 
 
 _chunk_stats_entropy_grad = functools.partial(_chunk_stats, entropy_grad=True)
@@ -114,20 +138,22 @@ def _live_chunks(chunk_fn, h, kernel, ids, context, consts, num_live):
 
 
 def _live_chunks_fwd(chunk_fn, h, kernel, ids, context, consts, num_live):
-  return (_live_chunks(chunk_fn, h, kernel, ids, context, consts, num_live),
-          (h, kernel, ids, context, consts, num_live))
+  out = _live_chunks(chunk_fn, h, kernel, ids, context, consts, num_live)
+  return out, (h, kernel, ids, context, consts, num_live, out)
 
 
 def _live_chunks_bwd(chunk_fn, res, cotangents):
   """Recomputes each live chunk's logits and pulls back the stats' cotangents to h and the
   kernel (stats built from stop-gradient values pull back nothing); the kernel gradient is summed
-  over chunks in fp32. `context` and `consts` (another model's hidden states, its kernel, the
-  temperature) get no gradient: they are frozen inputs."""
-  h, kernel, ids, context, consts, num_live = res
+  over chunks in fp32. The chunk's forward stats reach `chunk_fn` as context[FORWARD] (so it
+  may reuse, e.g., its logsumexp). `context` and `consts` (another model's hidden states, its
+  kernel, the temperature) get no gradient: they are frozen inputs."""
+  h, kernel, ids, context, consts, num_live, out = res
 
   def body(i, grads):
     d_h, d_kernel = grads
-    stats = lambda x, w: chunk_fn(x, w, ids[i], _at(context, i), consts)
+    recompute = {**_at(context, i), FORWARD: _at(out, i)}
+    stats = lambda x, w: chunk_fn(x, w, ids[i], recompute, consts)
     d_hi, d_ki = jax.vjp(stats, h[i], kernel)[1](_at(cotangents, i))
     return d_h.at[i].set(d_hi), d_kernel + d_ki.astype(jnp.float32)
 
