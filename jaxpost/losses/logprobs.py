@@ -38,10 +38,11 @@ the previous slot of its own branch, or from the last prompt slot for a completi
 when another completion precedes it in the row (`predecessor_index`); the hidden states are
 gathered at those slots instead of shifted by one.
 
-`token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy, entropy, mean
-logit) and the logsumexp; they carry no gradient, except the entropy with `entropy_grad=True`
-(PPO's entropy bonus), whose gradient the same recomputing backward pass carries. That backward
-reads each chunk's forward logsumexp (and entropy), so it recomputes the logits' matmul only.
+`token_stats` also returns per-token diagnostics that TRL logs (argmax accuracy: the target's
+logit is the row's maximum; entropy; mean logit) and the logsumexp; they carry no gradient,
+except the entropy with `entropy_grad=True` (PPO's entropy bonus), whose gradient the same
+recomputing backward pass carries. That backward reads each chunk's forward logsumexp (and
+entropy), so it recomputes the logits' matmul only.
 """
 
 from __future__ import annotations
