@@ -56,12 +56,13 @@ VARIANTS = ("default", "lora", "shared_critic", "tiny")
 def get_config(arg=None):
   c = base.get_config()
   grpo.rollout_run(c, "ppo")
-  # 8 prompts x 24 iterations: 20.5 min on a 2-core CPU, held-out accuracy 0.10 -> 0.20 (README)
+  # 8 prompts x 24 iterations: 20.5 min on a 2-core CPU (2026-12-03, layers still scanned),
+  # held-out accuracy 0.10 -> 0.20 (README)
   c.batch_size = 8
   c.max_steps = 24
   # Unrolled layers: on CPU each iteration's 4 epochs of two models' forward and backward run
   # ~20% faster than under lax.scan (no per-layer weight slices, stacked-gradient updates or
-  # zeroed stacks; benchmarks/ppo.py), for ~20 s more compilation on the bundled model.
+  # zeroed stacks; benchmarks/ppo.py), for 20-45 s more compilation on the bundled model.
   c.model.scan_layers = False
   c.ppo = ml_collections.ConfigDict({
       "num_generations": 1, "num_epochs": 4, "num_minibatches": 1, "gamma": 1.0, "lam": 0.95,

@@ -110,11 +110,12 @@ def _recomputed_stats(logits, targets, forward: dict, entropy_grad: bool) -> dic
   probs = jnp.exp(z_ng - lse[..., None])
   linear = lambda g: jnp.sum(g * (logits - z_ng), axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  lse_z = lse + linear(probs)  # the value lse, the gradient p
   entropy = forward["entropy"]
   if entropy_grad:
     entropy = entropy + linear(-probs * (z_ng - (lse - entropy)[..., None]))
-  return {"logprobs": target_logit - (lse + linear(probs)), "correct": forward["correct"],
-          "entropy": entropy, "logit_mean": forward["logit_mean"], "lse": lse + linear(probs)}
+  return {"logprobs": target_logit - lse_z, "correct": forward["correct"], "entropy": entropy,
+          "logit_mean": forward["logit_mean"], "lse": lse_z}
 
 
 _chunk_stats_entropy_grad = functools.partial(_chunk_stats, entropy_grad=True)
