@@ -105,6 +105,11 @@ def load_model(name_or_path: str, dtype: str = "float32", param_dtype: Optional[
   return LoadedModel(module, params, tok, config, head, str(name_or_path))
 
 
+def has_score_head(name_or_path: str) -> bool:
+  """Whether the checkpoint holds a trained scalar head (`score.weight`: a reward model)."""
+  return SafetensorsReader(resolve_model_dir(name_or_path)).has("score.weight")
+
+
 def load_tokenizer(model_dir: Path):
   from transformers import AutoTokenizer
   if not any((Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):

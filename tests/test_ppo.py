@@ -24,7 +24,7 @@ from jaxpost.train import algorithms
 from jaxpost.train.export import load_trained
 from jaxpost.train.optim import build_optimizer, member_optimizer
 from jaxpost.train.validate import ConfigError
-from tests.conftest import run_on_fake_devices
+from tests.conftest import make_hf_model, run_on_fake_devices
 
 REWARDS = '''
 def prompt_reward(prompts, completions, target, **columns):
@@ -103,11 +103,13 @@ def test_adaptive_kl_moves_towards_the_target(straight):
 
 
 def test_critic_learns(straight):
-  """The per-prompt targets are learnable from the prompt: explained variance rises."""
+  """The per-prompt targets are learnable from the prompt: explained variance rises from the
+  zero head's exact 0 (V ≡ 0 explains nothing), the value loss falls."""
   _, _, rows = straight
   ev = [r["critic/vf_explained_var"] for r in rows]
-  assert ev[-1] > ev[0] + 0.2, ev
-  assert rows[-1]["loss/value_avg"] < rows[0]["loss/value_avg"]
+  assert ev[0] == pytest.approx(0.0, abs=1e-6) and ev[-1] > 0.2, ev
+  value_loss = [r["loss/value_avg"] for r in rows]
+  assert np.mean(value_loss[3:]) < value_loss[0], value_loss
 
 
 def test_kill_and_resume_is_bitwise(straight, tmp_path):
@@ -230,6 +232,29 @@ def test_policy_and_critic_have_their_own_learning_rate():
   updates, _ = tx.update(grads, tx.init(params), params)
   np.testing.assert_allclose(updates["policy"]["w"], -0.1 * grads["policy"]["w"], rtol=1e-6)
   np.testing.assert_allclose(updates["value"]["w"], -0.5 * grads["value"]["w"], rtol=1e-6)
+
+
+def test_a_fresh_value_head_starts_at_zero_a_reward_models_is_kept(tmp_path):
+  """The critic from an LM checkpoint (no score.weight) gets a zero head, V ≡ 0; from a reward
+  model it keeps the trained head."""
+  make_hf_model("llama_tied", tmp_path / "lm")
+  rm = make_hf_model("llama_tied", tmp_path / "rm", seed=1, head="score")
+  policy = load_model(str(tmp_path / "lm"), tokenizer=False)
+  load = lambda name_or_path=None, head="lm", seed=0: load_model(
+      name_or_path or str(tmp_path / "lm"), head=head, seed=seed, tokenizer=False)
+
+  def critic_head(**keys):
+    c = jaxpost.configs.get("ppo:tiny")
+    c.update_from_flattened_dict(keys)
+    member = ppo.critic_member(algorithms.SetupContext(c, policy, load))[ppo.VALUE]
+    return np.asarray(member.params["score"]["kernel"])
+
+  for keys in ({}, {"critic.name_or_path": str(tmp_path / "lm")}):
+    assert not np.any(critic_head(**keys)), keys
+  trained = rm.score.weight.detach().numpy().T
+  np.testing.assert_array_equal(critic_head(**{"reward.model": str(tmp_path / "rm")}), trained)
+  shared = critic_head(**{"reward.model": str(tmp_path / "rm"), "critic.share_backbone": True})
+  np.testing.assert_array_equal(shared, trained)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -6,7 +6,11 @@ members, `state.params = {"policy": ..., "value": ...}` (`Algorithm.members`), o
 `config.critic.optimizer`) and differentiated by one backward of L_pg + vf_coef · L_v
 (− ent_coef · H, an entropy bonus whose gradient the chunked LM head carries). The
 critic is a scalar-head model (`head="score"`): `critic.name_or_path`, else the reward model
-`reward.model`, else the policy's initial weights with a fresh score head. With
+`reward.model`, else the policy's initial weights with a fresh score head. A fresh head (no
+trained `score.weight` in the checkpoint) starts at zero, so V ≡ 0 before the first update
+instead of noise of the hidden states' scale (the zero-initialised value head of Ziegler et al.
+2019's lm-human-preferences; Huang et al. 2023, "The N Implementation Details of RLHF with
+PPO"); the trunk's gradient flows once the head has moved. With
 `critic.share_backbone=True` the critic is only that model's score head, read on the POLICY's
 final hidden states: one forward gives logits and values, and the value loss also trains the
 policy's trunk (the "value" member is the head alone). `critic.warmup_steps` first iterations
@@ -51,6 +55,7 @@ import jax.numpy as jnp
 
 from jaxpost.algos import iteration, scoring
 from jaxpost.algos.rollout import RolloutConfig, frozen_logprobs
+from jaxpost.hf import has_score_head
 from jaxpost.losses import ppo as ppo_math
 from jaxpost.losses.logprobs import DEFAULT_CHUNK_SIZE, model_token_stats
 from jaxpost.train import sharding as sh
@@ -191,9 +196,11 @@ def critic_member(ctx) -> dict:
   if loaded.config.vocab_size != ctx.policy.config.vocab_size:
     raise ValueError(f"critic {name!r} has a vocabulary of {loaded.config.vocab_size} tokens, "
                      f"the policy {ctx.policy.config.vocab_size}: it reads the policy's rows")
-  if settings(config).share_backbone:  # the head alone, on the policy's trunk
-    return {VALUE: Member({"score": loaded.params["score"]}, None, optimizer)}
   params = loaded.params
+  if not name or not has_score_head(name):  # a fresh head starts at V = 0 (module docstring)
+    params = {**params, "score": jax.tree.map(lambda x: x * 0, params["score"])}
+  if settings(config).share_backbone:  # the head alone, on the policy's trunk
+    return {VALUE: Member({"score": params["score"]}, None, optimizer)}
   if not name:  # the policy's initial trunk (a copy: the policy's params are donated)
     params = {**params, "model": jax.tree.map(jnp.copy, ctx.policy.params["model"])}
   return {VALUE: Member(params, loaded.model, optimizer)}

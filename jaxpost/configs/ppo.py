@@ -12,7 +12,7 @@ One sample per prompt (ppo.num_generations = 1, as TRL's PPOTrainer), a per-toke
 −β KL_t (k1 against the initial policy) plus the score at the last token, GAE (γ = 1, λ = 0.95),
 4 epochs of the clipped surrogate and the clipped value loss (vf_coef 0.1): TRL's experimental
 PPO defaults. The critic starts from `critic.name_or_path`, else from `reward.model`, else from
-the policy's weights with a fresh scalar head, and has its own learning rate and clipping
+the policy's weights with a zero scalar head, and has its own learning rate and clipping
 (`critic.optimizer.*`). `state.params = {"policy", "value"}`; the export is the policy.
 """
 
