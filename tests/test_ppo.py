@@ -83,6 +83,8 @@ def test_metrics_first_update_ratio_one_and_export(straight):
     assert r["grad_norm"] == pytest.approx(np.hypot(r["grad_norm/policy"],
                                                     r["grad_norm/value"]), rel=1e-5)
   assert rows[0]["time/compile"] > 0  # the update compiled ahead of its call, timed apart
+  # fp32, no top-k / top-p: π_old is the sampler's log-probs, not recomputed (ratio 1 above)
+  assert "sampling/logp_difference/mean" not in rows[0]
   assert rows[0]["objective/scores"] == pytest.approx(0.5)  # the four targets' mean
   assert abs(rows[0]["objective/kl"]) < 1e-5                # the reference is the initial policy
   restored = load_trained(str(tmp / "straight"))  # from the {policy, value} checkpoint
@@ -152,12 +154,16 @@ def test_eight_fake_devices_match_one(straight, tmp_path):
 
 def test_lora_policy_epochs_and_minibatches_clip(tmp_path):
   """LoRA adapters on the policy, a full critic; 2 epochs x 2 minibatches: the later updates
-  see ρ != 1 and clip."""
+  see ρ != 1 and clip. Top-k sampling: π_old is recomputed by the training forward (the
+  sampler's q is truncated), so the first update's ratio is 1 and logp_difference is logged."""
   c = tiny_config(tmp_path, max_steps=1, **{
       "ppo.num_epochs": 2, "ppo.num_minibatches": 2, "lora.rank": 4, "lora.alpha": 8.0,
-      "optimizer.learning_rate": 3e-2, "checkpoint.every": 0, "export_hf": "hf"})
+      "optimizer.learning_rate": 3e-2, "checkpoint.every": 0, "export_hf": "hf",
+      "rollout.top_k": 8})
+  assert ppo.settings(c).rollout.recompute_logprobs
   jaxpost.train(c)
   rows = records(tmp_path / "run")
+  assert all(r["sampling/logp_difference/max"] > 0 for r in rows)
   assert max(r["policy/clipfrac_avg"] for r in rows) > 0
   assert all(r["grad_norm/value"] > 0 for r in rows)
   assert load_model(str(tmp_path / "run" / "hf")).head == "lm"
@@ -193,7 +199,9 @@ def test_ppo_gradient_is_reinforce_with_whitened_advantages(ent_coef):
   from jaxpost.losses.logprobs import model_token_stats
   logps = lambda p: model_token_stats(policy, p, {**rows, "loss_mask": completion},
                                       temperature=s.rollout.scoring_temperature)["logprobs"]
-  rows["logprobs"] = jax.jit(logps)(params["policy"])  # jitted: eager Flax dispatch is slow
+  # π_old: the sampler's in fp32 without top-k / top-p (ppo.needs_recompute), jitted: eager
+  # Flax dispatch is slow
+  rows["sampler_logprobs"] = jax.jit(logps)(params["policy"])
   values = jax.jit(lambda p: ppo.token_values(critic, p, rows))(params["value"])
   batch, _ = ppo.advantages(s, 0.0, jnp.asarray([1.0, -2.0, 0.5, 3.0]), rows, None, values)
   grads = jax.jit(jax.grad(lambda p: ppo.rollout_loss(s, p, {}, batch, None, ctx)[0]))(params)

@@ -21,7 +21,9 @@ t, is the critic's output at position t − 1 (as TRL).
 One loop step is one iteration (`algos/iteration.py`) on B prompts x G samples (G =
 `ppo.num_generations`, 1 by default):
 
-    1. sample    with the current policy; log-probs π_old recomputed by the training forward
+    1. sample    with the current policy; π_old = the sampler's log-probs (fp32, no top-k /
+                 top-p: the same distribution), else recomputed by the training forward
+                 (`needs_recompute`; then sampling/logp_difference/* are logged)
     2. score     reward model in-graph and/or Python reward functions -> R (unscorable: 0)
     3. update    one jit, state donated: reference log-probs, values V_old (no gradient),
                  per-token rewards with β = state.extra["kl_coef"], GAE, whitened advantages,
@@ -107,7 +109,8 @@ def settings(config) -> Settings:
   rollout = RolloutConfig(num_generations=int(section.get("num_generations", 1)),
                           max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                           top_k=ro.top_k, top_p=ro.top_p,
-                          chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)))
+                          chunk_size=int(config.get("logprob_chunk_size", DEFAULT_CHUNK_SIZE)),
+                          recompute_logprobs=needs_recompute(config))
   critic = (config.get("critic", None) or {})
   warmup = int(critic.get("warmup_steps", 0))
   if warmup < 0:
@@ -115,6 +118,16 @@ def settings(config) -> Settings:
   return Settings(loss, rollout, int(section.get("num_epochs", 4)),
                   int(section.get("num_minibatches", 1)),
                   bool(critic.get("share_backbone", False)), warmup)
+
+
+def needs_recompute(config) -> bool:
+  """Whether π_old needs the rollout's recompute with the training forward: unless the sampler's
+  log-probs are already those of π_θ at the sampling temperature up to fp32 rounding, i.e. with
+  top-k / top-p off (they sample from a truncated q ≠ π) and fp32 compute (a bf16 KV-cached
+  decode drifts from the full forward by ~1e-2 nats). TRL's PPOTrainer always takes them from
+  its generate call."""
+  ro = config.rollout
+  return ro.top_k > 0 or ro.top_p < 1.0 or config.model.dtype != "float32"
 
 
 def critic_optimizer(config):
@@ -237,20 +250,21 @@ def advantages(s: Settings, kl_coef, scores, rollout: dict, ref_logps, values):
   shaped scores, per-token rewards, GAE and whitened advantages."""
   cfg = s.loss
   mask = rollout["completion_mask"].astype(jnp.float32)
+  old_logps = rollout["logprobs" if s.rollout.recompute_logprobs else "sampler_logprobs"]
   scores = jnp.where(jnp.isfinite(scores), scores, 0.0)
   scores = ppo_math.shape_scores(scores, rollout["finished"], cfg.missing_eos_penalty,
                                  cfg.reward_clip)
-  rewards, kl = ppo_math.token_rewards(scores, rollout["logprobs"], ref_logps, mask, kl_coef,
+  rewards, kl = ppo_math.token_rewards(scores, old_logps, ref_logps, mask, kl_coef,
                                        cfg.kl_estimator)
   if cfg.whiten_rewards:
     rewards = ppo_math.masked_whiten(rewards, mask, shift_mean=False) * mask
   adv, returns = ppo_math.gae(rewards, values, mask, cfg.gamma, cfg.lam)
   adv = ppo_math.masked_whiten(adv, mask) * mask
   fields = {**{k: rollout[k] for k in SEQUENCE_FIELDS}, "loss_mask": mask, "advantages": adv,
-            "returns": returns, "old_values": values * mask, "old_logps": rollout["logprobs"]}
+            "returns": returns, "old_values": values * mask, "old_logps": old_logps}
   non_score = jnp.mean(jnp.sum(-kl_coef * kl, axis=-1))
   metrics = {"objective/kl": jnp.mean(jnp.sum(kl, axis=-1)),
-             "objective/entropy": jnp.mean(jnp.sum(-rollout["logprobs"] * mask, axis=-1)),
+             "objective/entropy": jnp.mean(jnp.sum(-old_logps * mask, axis=-1)),
              "objective/non_score_reward": non_score,
              "objective/rlhf_reward": non_score + jnp.mean(scores),
              "objective/scores": jnp.mean(scores),
