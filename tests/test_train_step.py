@@ -1,4 +1,5 @@
-"""The jitted step: exact gradient accumulation; the optimiser's schedule and decay mask."""
+"""The jitted step: exact gradient accumulation; scan_updates' norms; the optimiser's schedule
+and decay mask."""
 
 import os
 import sys
@@ -18,7 +19,7 @@ from jaxpost.train import algorithms, optim  # noqa: E402
 from jaxpost.train import sharding as sh  # noqa: E402
 from jaxpost.train.state import create_train_state, load_sharded  # noqa: E402
 from jaxpost.data.synthetic import SyntheticLoader  # noqa: E402
-from jaxpost.train.step import gradient_step  # noqa: E402
+from jaxpost.train.step import gradient_step, scan_updates  # noqa: E402
 
 
 def _run_steps(grad_accum, batch, num_steps=2):
@@ -50,6 +51,32 @@ def test_grad_accumulation_4x2_equals_1x8():
   ctx = algorithms.LossContext(model, c)
   full, _ = jax.jit(lambda p, b: sft.sft_loss(p, {}, b, None, ctx))(params0, batch)
   np.testing.assert_allclose(losses_4[0], float(full), rtol=1e-5)
+
+
+def test_scan_updates_equals_its_steps_and_measures_the_last_updates_norms():
+  batch = next(SyntheticLoader(256, 8, 32, seed=6, min_length=4))
+  c = sft_config.get_config("synthetic")
+  mesh, rules = sh.build_mesh(c.mesh), sh.rules_of(c.mesh)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    policy = load_sharded(c.model, mesh, rules)
+    tx, schedule = optim.build_optimizer(c.optimizer, c.max_steps)
+    state, state_sh = create_train_state(policy.params, tx, c.seed, mesh)
+    update = gradient_step(algorithms.get("sft"), algorithms.LossContext(policy.model, c), tx,
+                           schedule, 1, mesh, state_sh.params)
+    scanned, metrics = jax.jit(lambda st: scan_updates(update, st, {}, batch, 3, 1, mesh))(state)
+    stepped, losses = state, []
+    for _ in range(3):
+      before = stepped.params
+      stepped, last = jax.jit(update)(stepped, {}, batch)
+      losses.append(float(last["loss"]))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), scanned.params,
+               stepped.params)
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+  moved = jax.tree.map(lambda a, b: a - b, stepped.params, before)
+  for key, tree in (("param_norm", stepped.params), ("update_norm", moved)):
+    np.testing.assert_allclose(float(metrics[key]), float(last[key]), rtol=1e-5)
+    np.testing.assert_allclose(float(metrics[key]), float(optax.tree.norm(tree)), rtol=1e-4)
+  assert float(metrics["update_norm"]) > 0
 
 
 def _opt_cfg(**kw):
