@@ -2,7 +2,7 @@
 
     pip install --no-deps --target /tmp/trl_ppo_site "trl==1.0.0" accelerate  # not the project env
     PYTHONPATH=/tmp/trl_ppo_site python benchmarks/ppo.py [--steps=2] [--prompts=8]
-        [--new_tokens=32] [--grad_accum=2] [--torch_threads=N]
+        [--new_tokens=32] [--grad_accum=1] [--torch_threads=N]
 
 TRL 1.16 no longer ships `trl.experimental.ppo`; 1.0.0 is the last release that has it.
 
@@ -199,7 +199,7 @@ def main():
   parser.add_argument("--steps", type=int, default=2, help="timed iterations after the first")
   parser.add_argument("--prompts", type=int, default=8)
   parser.add_argument("--new_tokens", type=int, default=32)
-  parser.add_argument("--grad_accum", type=int, default=2, help="microbatches per minibatch")
+  parser.add_argument("--grad_accum", type=int, default=1, help="microbatches per minibatch")
   parser.add_argument("--torch_threads", type=int, default=os.cpu_count())
   parser.add_argument("--child", help=argparse.SUPPRESS)
   args = parser.parse_args()

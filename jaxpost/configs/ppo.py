@@ -64,6 +64,9 @@ def get_config(arg=None):
   # ~20% faster than under lax.scan (no per-layer weight slices, stacked-gradient updates or
   # zeroed stacks; benchmarks/ppo.py), for 20-45 s more compilation on the bundled model.
   c.model.scan_layers = False
+  # One microbatch: at 8 rows each accumulated microbatch costs more passes over both members'
+  # weights than it saves (benchmarks/ppo.py, 2 CPU cores: update 18.2 s at 1 vs 20.1 s at 2).
+  c.grad_accum = 1
   c.ppo = ml_collections.ConfigDict({
       "num_generations": 1, "num_epochs": 4, "num_minibatches": 1, "gamma": 1.0, "lam": 0.95,
       "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "ent_coef": 0.0, "kl_coef": 0.05,
