@@ -1,6 +1,7 @@
 """The jitted step: exact gradient accumulation; scan_updates' norms; the optimiser's schedule
 and decay mask."""
 
+import contextlib
 import os
 import sys
 
@@ -19,10 +20,12 @@ from jaxpost.train import algorithms, optim  # noqa: E402
 from jaxpost.train import sharding as sh  # noqa: E402
 from jaxpost.train.state import create_train_state, load_sharded  # noqa: E402
 from jaxpost.data.synthetic import SyntheticLoader  # noqa: E402
-from jaxpost.train.step import gradient_step, scan_updates  # noqa: E402
+from jaxpost.train.step import gradient_step, scan_updates, update_and_param_norms  # noqa: E402
 
 
-def _run_steps(grad_accum, batch, num_steps=2):
+@contextlib.contextmanager
+def _sft_update(grad_accum):
+  """(state, gradient_step of sft, model, config, mesh) on the synthetic recipe, in its mesh."""
   c = sft_config.get_config("synthetic")
   c.grad_accum = grad_accum
   mesh, rules = sh.build_mesh(c.mesh), sh.rules_of(c.mesh)
@@ -31,14 +34,19 @@ def _run_steps(grad_accum, batch, num_steps=2):
     tx, schedule = optim.build_optimizer(c.optimizer, c.max_steps)
     state, state_sh = create_train_state(policy.params, tx, c.seed, mesh)
     ctx = algorithms.LossContext(policy.model, c)
-    algo = algorithms.get("sft")
-    step = jax.jit(gradient_step(algo, ctx, tx, schedule, grad_accum, mesh, state_sh.params))
+    yield state, gradient_step(algorithms.get("sft"), ctx, tx, schedule, grad_accum, mesh,
+                               state_sh.params), policy.model, c, mesh
+
+
+def _run_steps(grad_accum, batch, num_steps=2):
+  with _sft_update(grad_accum) as (state, update, model, c, _):
+    step = jax.jit(update)
     init_params = jax.device_get(state.params)
     losses = []
     for _ in range(num_steps):
       state, metrics = step(state, {}, batch)
       losses.append(float(metrics["loss"]))
-  return init_params, losses, jax.device_get(state.params), (policy.model, c)
+  return init_params, losses, jax.device_get(state.params), (model, c)
 
 
 def test_grad_accumulation_4x2_equals_1x8():
@@ -55,14 +63,7 @@ def test_grad_accumulation_4x2_equals_1x8():
 
 def test_scan_updates_equals_its_steps_and_measures_the_last_updates_norms():
   batch = next(SyntheticLoader(256, 8, 32, seed=6, min_length=4))
-  c = sft_config.get_config("synthetic")
-  mesh, rules = sh.build_mesh(c.mesh), sh.rules_of(c.mesh)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    policy = load_sharded(c.model, mesh, rules)
-    tx, schedule = optim.build_optimizer(c.optimizer, c.max_steps)
-    state, state_sh = create_train_state(policy.params, tx, c.seed, mesh)
-    update = gradient_step(algorithms.get("sft"), algorithms.LossContext(policy.model, c), tx,
-                           schedule, 1, mesh, state_sh.params)
+  with _sft_update(1) as (state, update, _, _, mesh):
     scanned, metrics = jax.jit(lambda st: scan_updates(update, st, {}, batch, 3, 1, mesh))(state)
     stepped, losses = state, []
     for _ in range(3):
@@ -77,6 +78,16 @@ def test_scan_updates_equals_its_steps_and_measures_the_last_updates_norms():
     np.testing.assert_allclose(float(metrics[key]), float(last[key]), rtol=1e-5)
     np.testing.assert_allclose(float(metrics[key]), float(optax.tree.norm(tree)), rtol=1e-4)
   assert float(metrics["update_norm"]) > 0
+
+
+def test_skipped_norms_are_zero_and_bfloat16_norms_come_back_in_float32():
+  tree = {"w": jax.numpy.full((4, 3), 2.0, jax.numpy.bfloat16)}
+  norms = jax.jit(lambda flag: update_and_param_norms(tree, tree, flag))
+  for flag, expected in ((True, np.sqrt(48.0)), (False, 0.0)):
+    out = norms(jax.numpy.asarray(flag))
+    for value in out.values():
+      assert value.dtype == np.float32
+      np.testing.assert_allclose(float(value), expected, rtol=1e-3)
 
 
 def _opt_cfg(**kw):

@@ -94,7 +94,7 @@ def gradient_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_sha
   loss = _loss_with_metrics(algorithm, ctx)
   grad_fn = jax.grad(loss, has_aux=True)
 
-  def step(state: TrainState, frozen, batch, measure_params=True):
+  def step(state: TrainState, frozen, batch, measure_norms=True):
     rng, step_rng = jax.random.split(state.rng)
     micro = split_microbatches(batch, grad_accum, mesh)
     weights = jax.vmap(algorithm.weight_fn)(micro)
@@ -107,7 +107,7 @@ def gradient_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_sha
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     norms = {"grad_norm": optax.tree.norm(grads),
-             **update_and_param_norms(updates, params, measure_params)}
+             **update_and_param_norms(updates, params, measure_norms)}
     if is_members(grads):  # several trainable members (PPO policy + critic): each one's norm
       norms.update({f"grad_norm/{name}": optax.tree.norm(g) for name, g in grads.items()})
     finite = jnp.isfinite(metrics["loss"])
@@ -122,17 +122,17 @@ def gradient_step(algorithm, ctx, tx, schedule, grad_accum: int, mesh, param_sha
   return step
 
 
-def update_and_param_norms(updates, params, measured=True) -> dict:
-  """{"update_norm": ||updates||, "param_norm": ||params||}; where `measured` is a traced False
-  (all but the last of `scan_updates`' updates) both are 0 and neither pass over the parameters
-  runs (a `lax.cond`)."""
+def update_and_param_norms(updates, params, measure_norms=True) -> dict:
+  """{"update_norm": ||updates||, "param_norm": ||params||} in float32; where `measure_norms` is
+  a traced False (all but the last of `scan_updates`' updates) both are 0 and neither pass over
+  the parameters runs (a `lax.cond`)."""
   def norms(u, p):
-    return optax.tree.norm(u), optax.tree.norm(p)
+    return tuple(optax.tree.norm(t).astype(jnp.float32) for t in (u, p))
 
-  if measured is True:
-    pair = norms(updates, params)
+  if isinstance(measure_norms, bool):
+    pair = norms(updates, params) if measure_norms else (jnp.float32(0), jnp.float32(0))
   else:
-    pair = jax.lax.cond(measured, norms, lambda u, p: (jnp.float32(0), jnp.float32(0)),
+    pair = jax.lax.cond(measure_norms, norms, lambda u, p: (jnp.float32(0), jnp.float32(0)),
                         updates, params)
   return dict(zip(("update_norm", "param_norm"), pair))
 
@@ -168,7 +168,7 @@ def scan_updates(update, state: TrainState, frozen, batch: dict, num_epochs: int
     minibatch = jax.tree.map(
         lambda x: jax.lax.with_sharding_constraint(jnp.take(x, index, axis=0), batch_rows)
         if num_minibatches > 1 else x, batch)
-    return update(state, frozen, minibatch, measure_params=u == num_updates - 1)
+    return update(state, frozen, minibatch, measure_norms=u == num_updates - 1)
 
   state, history = jax.lax.scan(body, state, (order, jnp.arange(num_updates)))
   metrics = {k: jnp.mean(v) for k, v in history.items()}
