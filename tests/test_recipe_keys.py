@@ -95,6 +95,7 @@ RUNS = [
         "data.system_prompt": "Be brief.", "data.packing": True, "data.eval_fraction": 0.25,
         "data.max_length": 64, "data.buckets": [32, 64], "data.shuffle": False,
         "data.prefetch": 0, "num_epochs": 1.0, "batch_size": 4, "grad_accum": 2,
+        "keep_freed_memory": False,
         "optimizer.name": "adafactor", "optimizer.schedule": "linear",
         "optimizer.warmup_steps": 0, "optimizer.warmup_ratio": 0.5,
         "optimizer.min_lr_ratio": 0.1, "optimizer.weight_decay": 0.01,

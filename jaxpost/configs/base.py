@@ -21,6 +21,9 @@ KEYS = {
     "workdir": "run directory: checkpoints/, metrics.jsonl, tensorboard/; a restart resumes "
                "from it",
     "seed": "seed of the initialisation, the data order and dropout",
+    "keep_freed_memory": "glibc: one malloc arena that keeps what it frees, so XLA:CPU steps do "
+                         "not page-fault their buffers again (jaxpost/train/host_memory.py); "
+                         "False: glibc's defaults",
     "max_steps": "optimiser steps (used when num_epochs is 0)",
     "num_epochs": "> 0: train this many passes over data.train (may be fractional): max_steps = "
                   "ceil(num_epochs x epoch size / batch_size), with packing estimated from the "
@@ -111,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.algorithm = "sft"
   c.workdir = "runs/default"
   c.seed = 0
+  c.keep_freed_memory = True
   c.max_steps = 100
   c.num_epochs = 0.0
   c.batch_size = 8

@@ -47,6 +47,7 @@ from jaxpost.train import sharding as sh
 from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
 from jaxpost.train.evals import Evaluations
 from jaxpost.train.metrics import MetricsWriter, train_flops
+from jaxpost.train.host_memory import keep_freed_memory
 from jaxpost.train.optim import build_optimizer, member_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import before_after
@@ -68,6 +69,8 @@ def train(config, train_loader=None, eval_loader=None) -> dict:
   step-0 ones), `step`, `preempted`: stopped by SIGTERM, `complete`: the workdir already held a
   checkpoint at max_steps, so nothing ran). Loaders default to
   `data.train` / `data.eval`."""
+  if config.get("keep_freed_memory", True):
+    keep_freed_memory()  # before JAX's CPU client exists (train/host_memory.py)
   initialize_distributed(config.distributed)
   check_config(config, jax.device_count(), jax.process_count(), own_data=train_loader is None)
   done = completed_step(config)
