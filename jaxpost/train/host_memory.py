@@ -7,7 +7,8 @@ kernel as they fill and empty, and chunks above the mmap threshold are fresh map
 step touches new pages again. Measured on the PPO iteration (policy + critic + reference +
 reward model, 8 rows x 88 tokens, 2 CPU cores): ~0.9 M minor page faults and ~5 s of kernel
 time per iteration (of ~32 s of CPU); with these settings 0 faults, 0.15 s, and the update
-runs 14.0-14.6 s instead of 15.8-18.5 s (benchmarks/ppo.py, interleaved runs).
+runs 13.7-14.6 s instead of 15.8-18.5 s (the jaxpost side of benchmarks/ppo.py, processes
+with and without the settings interleaved on one machine).
 
 `keep_freed_memory` sets, through `mallopt(3)`:
 
@@ -18,7 +19,8 @@ runs 14.0-14.6 s instead of 15.8-18.5 s (benchmarks/ppo.py, interleaved runs).
 so freed memory is kept and reused; the process's resident size stays at its peak instead of
 shrinking between steps. Arenas are bound to threads at their first allocation, so it must run
 before JAX creates its CPU client (`jaxpost.train` calls it first thing); later it still stops
-the trimming but the threads keep their arenas. A no-op off glibc (macOS, musl).
+the trimming but the threads keep their arenas. The settings hold for the whole process,
+whatever JAX's backend; a no-op off glibc (macOS, musl).
 """
 
 from __future__ import annotations

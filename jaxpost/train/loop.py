@@ -46,8 +46,8 @@ from jaxpost.train import algorithms
 from jaxpost.train import sharding as sh
 from jaxpost.train.checkpoint import Checkpointer, changed_inputs, checkpoint_dir
 from jaxpost.train.evals import Evaluations
-from jaxpost.train.metrics import MetricsWriter, train_flops
 from jaxpost.train.host_memory import keep_freed_memory
+from jaxpost.train.metrics import MetricsWriter, train_flops
 from jaxpost.train.optim import build_optimizer, member_optimizer
 from jaxpost.train.state import abstract_like, create_train_state, load_sharded
 from jaxpost.train.report import before_after
